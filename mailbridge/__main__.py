@@ -1,0 +1,5 @@
+"""Allows `python -m mailbridge`."""
+
+from mailbridge.cli import main
+
+main()

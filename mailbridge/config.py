@@ -1,0 +1,394 @@
+"""Reads config.toml plus MAILBRIDGE_<SECTION>_<KEY> overrides into frozen, validated settings.
+
+Secrets (master key, relay password) are not settings: they are read on demand from the
+environment or a file named by the settings, so they never appear in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from email_validator import EmailNotValidError, validate_email
+
+ENV_PREFIX = "MAILBRIDGE"
+MASTER_KEY_ENV = "MAILBRIDGE_MASTER_KEY"
+
+DEFAULT_ALLOWED_TYPES = (
+    "pdf", "png", "jpeg", "gif", "tiff", "heic", "docx", "doc", "xlsx", "rtf", "txt",
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message always names the key at fault."""
+
+
+def _required() -> typing.Any:
+    return field(metadata={"required": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    base_url: str = _required()
+    data_dir: Path = Path("var")
+    master_key_file: str = ""  # empty: <data_dir>/master.key
+    timezone: str = "UTC"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatabaseSettings:
+    url: str = ""  # empty: sqlite:///<data_dir>/mailbridge.db
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    max_message_bytes: int = 80 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddressSettings:
+    sharing: str = _required()
+    reply_domain: str = _required()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelaySettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    starttls: bool = False
+    username: str = ""
+    password_env: str = "MAILBRIDGE_RELAY_PASSWORD"
+    password_file: str = ""
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboundSettings:
+    transport: str = "maildir"
+    from_: str = _required()
+    maildir: str = ""  # empty: <data_dir>/outbox
+    max_attempts: int = 8
+    retry_base_seconds: float = 60.0
+    retry_max_seconds: float = 3600.0
+    smtp: RelaySettings = field(default_factory=RelaySettings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShareSettings:
+    claim_hours: float = 24.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SenderSettings:
+    require_authentication: bool = True
+    trusted_authserv_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitSettings:
+    max_recipients: int = 20
+    max_parts: int = 100
+    max_depth: int = 8
+    max_file_bytes: int = 30 * 1024 * 1024
+    max_total_bytes: int = 60 * 1024 * 1024
+    inline_image_max_bytes: int = 64 * 1024
+    allowed_types: tuple[str, ...] = DEFAULT_ALLOWED_TYPES
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    lease_seconds: float = 300.0
+    max_attempts: int = 5
+    retry_base_seconds: float = 30.0
+    poll_seconds: float = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    service: ServiceSettings
+    database: DatabaseSettings
+    smtp: SmtpSettings
+    addresses: AddressSettings
+    outbound: OutboundSettings
+    web: WebSettings
+    shares: ShareSettings
+    senders: SenderSettings
+    limits: LimitSettings
+    worker: WorkerSettings
+
+    @property
+    def sharing_local(self) -> str:
+        return self.addresses.sharing.split("@", 1)[0]
+
+    @property
+    def sharing_domain(self) -> str:
+        return self.addresses.sharing.split("@", 1)[1]
+
+    @property
+    def own_domains(self) -> frozenset[str]:
+        return frozenset({self.sharing_domain, self.addresses.reply_domain,
+                          self.outbound.from_.rsplit("@", 1)[-1]})
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.service.data_dir / "spool"
+
+    @property
+    def documents_dir(self) -> Path:
+        return self.service.data_dir / "documents"
+
+    @property
+    def master_key_path(self) -> Path:
+        if self.service.master_key_file:
+            return Path(self.service.master_key_file)
+        return self.service.data_dir / "master.key"
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _toml_name(f: dataclasses.Field) -> str:
+    return f.name.rstrip("_")  # `from` is a keyword in Python
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    return "_".join((ENV_PREFIX, *path)).upper()
+
+
+def _coerce(value: typing.Any, kind: typing.Any, key: str, source: str) -> typing.Any:
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r} ({source})")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+        if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+            return False
+        fail("true or false")
+    if kind is int:
+        if isinstance(value, bool):
+            fail("a whole number")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            fail("a whole number")
+    if kind is float:
+        if isinstance(value, bool):
+            fail("a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            fail("a number")
+    if kind is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if kind is Path:
+        if not isinstance(value, str):
+            fail("a path")
+        return Path(value)
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail("a list of strings")
+        return tuple(value)
+    raise AssertionError(f"unsupported setting type {kind}")
+
+
+def _build(cls: type, table: dict, path: tuple[str, ...], env: typing.Mapping[str, str],
+           origin: str) -> typing.Any:
+    hints = typing.get_type_hints(cls)
+    known = {_toml_name(f) for f in dataclasses.fields(cls)}
+    for name in table:
+        if name not in known:
+            raise ConfigError(f"[{'.'.join(path)}] {name}: unknown key ({origin})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = _toml_name(f)
+        key_path = (*path, name)
+        key = f"[{'.'.join(path)}] {name}"
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            sub = table.get(name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{key}: expected a table ({origin})")
+            values[f.name] = _build(kind, sub, key_path, env, origin)
+            continue
+        env_key = _env_name(key_path)
+        if env_key in env:
+            values[f.name] = _coerce(env[env_key], kind, key, f"from {env_key}")
+        elif name in table:
+            values[f.name] = _coerce(table[name], kind, key, origin)
+        elif f.metadata.get("required"):
+            raise ConfigError(f"{key}: missing; set it in {origin} or {env_key}")
+    return cls(**values)
+
+
+def load_settings(path: str | os.PathLike | None,
+                  env: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (may be None: environment only) and return validated settings."""
+    env = os.environ if env is None else env
+    table: dict = {}
+    origin = "environment"
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        try:
+            with open(p, "rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"--config: file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config: {p} is not valid TOML: {exc}") from None
+        base = p.resolve().parent
+    hints = typing.get_type_hints(Settings)
+    known = {f.name for f in dataclasses.fields(Settings)}
+    for name in table:
+        if name not in known:
+            raise ConfigError(f"[{name}]: unknown section ({origin})")
+    sections = {}
+    for f in dataclasses.fields(Settings):
+        sub = table.get(f.name, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"[{f.name}]: expected a table ({origin})")
+        sections[f.name] = _build(hints[f.name], sub, (f.name,), env, origin)
+    settings = Settings(**sections)
+    settings = _resolve_paths(settings, base)
+    validate(settings)
+    return settings
+
+
+def _resolve_paths(s: Settings, base: Path) -> Settings:
+    """Relative paths are relative to the config file, so the service can start from anywhere."""
+
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    data_dir = absolute(s.service.data_dir)
+    url = s.database.url or f"sqlite:///{data_dir / 'mailbridge.db'}"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rel = url[len("sqlite:///"):]
+        if rel and rel != ":memory:":
+            url = "sqlite:///" + str(absolute(Path(rel)))
+    key_file = s.service.master_key_file
+    return dataclasses.replace(
+        s,
+        service=dataclasses.replace(
+            s.service, data_dir=data_dir,
+            master_key_file=str(absolute(Path(key_file))) if key_file else ""),
+        database=dataclasses.replace(s.database, url=url),
+        outbound=dataclasses.replace(
+            s.outbound,
+            maildir=str(absolute(Path(s.outbound.maildir)) if s.outbound.maildir
+                        else data_dir / "outbox")),
+    )
+
+
+def _address(value: str, key: str) -> str:
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ConfigError(f"{key}: {value!r} is not a valid e-mail address ({exc})") from None
+
+
+def validate(s: Settings) -> None:
+    url = urlsplit(s.service.base_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise ConfigError(f"[service] base_url: expected an http(s) URL, got {s.service.base_url!r}")
+    try:
+        ZoneInfo(s.service.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"[service] timezone: unknown time zone {s.service.timezone!r}") from None
+    if s.service.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("[service] log_level: expected DEBUG, INFO, WARNING or ERROR")
+    if not s.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(
+            f"[database] url: expected sqlite:///PATH or postgresql://..., got {s.database.url!r}")
+    for key, port in (("[smtp] port", s.smtp.port), ("[web] port", s.web.port),
+                      ("[outbound.smtp] port", s.outbound.smtp.port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{key}: {port} is not a TCP port")
+    if s.smtp.max_message_bytes < 1024:
+        raise ConfigError("[smtp] max_message_bytes: must be at least 1024")
+    _address(s.addresses.sharing, "[addresses] sharing")
+    if "+" in s.addresses.sharing.split("@")[0]:
+        raise ConfigError("[addresses] sharing: must not contain '+' (used for plus-addressing)")
+    if not s.addresses.reply_domain or "@" in s.addresses.reply_domain:
+        raise ConfigError("[addresses] reply_domain: expected a domain name such as "
+                          "reply.portal.example")
+    if s.outbound.transport not in ("maildir", "smtp"):
+        raise ConfigError(
+            f"[outbound] transport: expected \"maildir\" or \"smtp\", got {s.outbound.transport!r}")
+    _address(s.outbound.from_, "[outbound] from")
+    if s.outbound.max_attempts < 1:
+        raise ConfigError("[outbound] max_attempts: must be at least 1")
+    if not 0 < s.shares.claim_hours <= 24 * 30:
+        raise ConfigError("[shares] claim_hours: must be more than 0 and at most 720")
+    lim = s.limits
+    for name in ("max_recipients", "max_parts", "max_depth", "max_file_bytes",
+                 "max_total_bytes"):
+        if getattr(lim, name) < 1:
+            raise ConfigError(f"[limits] {name}: must be at least 1")
+    unknown = set(lim.allowed_types) - set(DEFAULT_ALLOWED_TYPES)
+    if unknown:
+        raise ConfigError(f"[limits] allowed_types: unknown type(s) {sorted(unknown)}; "
+                          f"known: {', '.join(DEFAULT_ALLOWED_TYPES)}")
+    if s.worker.lease_seconds <= 0:
+        raise ConfigError("[worker] lease_seconds: must be more than 0")
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+def read_master_key(s: Settings, env: typing.Mapping[str, str] | None = None) -> bytes:
+    """The 32-byte master key from MAILBRIDGE_MASTER_KEY (base64) or the key file."""
+    env = os.environ if env is None else env
+    if env.get(MASTER_KEY_ENV):
+        source, text = MASTER_KEY_ENV, env[MASTER_KEY_ENV]
+    else:
+        path = s.master_key_path
+        source = f"[service] master_key_file ({path})"
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no master key; run `mailbridge init` to create one "
+                              f"or set {MASTER_KEY_ENV}") from None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"{source}: expected 32 bytes of base64")
+    return key
+
+
+def read_relay_password(s: Settings, env: typing.Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    relay = s.outbound.smtp
+    if relay.password_file:
+        try:
+            return Path(relay.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"[outbound.smtp] password_file: cannot read ({exc})") from None
+    return env.get(relay.password_env, "")
