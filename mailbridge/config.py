@@ -67,7 +67,7 @@ class RelaySettings:
     port: int = 25
     starttls: bool = False
     username: str = ""
-    password_env: str = "MAILBRIDGE_RELAY_PASSWORD"
+    password_env: str = "MAILBRIDGE_RELAY_PASSWORD"  # noqa: S105 - a variable name
     password_file: str = ""
     timeout_seconds: float = 30.0
 
@@ -314,7 +314,8 @@ def _address(value: str, key: str) -> str:
 def validate(s: Settings) -> None:
     url = urlsplit(s.service.base_url)
     if url.scheme not in ("http", "https") or not url.netloc:
-        raise ConfigError(f"[service] base_url: expected an http(s) URL, got {s.service.base_url!r}")
+        raise ConfigError(
+            f"[service] base_url: expected an http(s) URL, got {s.service.base_url!r}")
     try:
         ZoneInfo(s.service.timezone)
     except (ZoneInfoNotFoundError, ValueError):

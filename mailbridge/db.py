@@ -47,3 +47,12 @@ def transaction(db: peewee.Database):
 
 def is_postgres(db: peewee.Database) -> bool:
     return isinstance(db, peewee.PostgresqlDatabase)
+
+
+def reset_connection(db: peewee.Database) -> None:
+    """After a database error, drop this thread's connection so the next use reconnects."""
+    try:
+        if not db.is_closed():
+            db.close()
+    except Exception:  # a broken connection may fail to close; that is fine
+        pass

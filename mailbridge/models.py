@@ -63,6 +63,7 @@ class InboundMessage(BaseModel):
     attempts = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField()
     lease_until = pw.DateTimeField(null=True)
+    claimed_by = pw.CharField(max_length=200, default="")  # node that holds the lease
     outcome = pw.CharField(max_length=32, default="")
     reason = pw.TextField(default="")
     finished_at = pw.DateTimeField(null=True)

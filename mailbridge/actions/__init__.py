@@ -1,0 +1,1 @@
+"""What a message can make happen: a new share (share.py)."""

@@ -1,0 +1,130 @@
+"""Turn an accepted request into a share: documents stored encrypted, one grant (link) per
+recipient, a link e-mail each, a receipt to the sender — committed together or not at all."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from email.message import EmailMessage
+from zoneinfo import ZoneInfo
+
+import peewee
+
+from mailbridge import audit, spool, tokens
+from mailbridge.models import Document, Grant, InboundMessage, Member, Share
+from mailbridge.outbound import compose, outbox
+from mailbridge.outcomes import Done
+from mailbridge.parse import ParsedShare
+from mailbridge.runtime import Runtime
+from mailbridge.storage import StoredBlob, put_bytes
+
+log = logging.getLogger(__name__)
+
+
+def dedupe_key(raw: bytes, message: EmailMessage) -> str:
+    """Message-ID plus a hash of the body: the same message re-delivered (SMTP retry, IMAP
+    re-poll) matches even when relays added trace headers on the way."""
+    _, _, body = raw.partition(b"\r\n\r\n") if b"\r\n\r\n" in raw else raw.partition(b"\n\n")
+    body = body.replace(b"\r\n", b"\n").rstrip()
+    message_id = str(message.get("Message-ID", "")).strip()
+    return hashlib.sha256(message_id.encode("utf-8", "replace") + b"\0" + body).hexdigest()
+
+
+def deadline_text(deadline: dt.datetime, timezone: str) -> str:
+    local = deadline.replace(tzinfo=dt.UTC).astimezone(ZoneInfo(timezone))
+    return local.strftime("%a %d %b %Y, %H:%M %Z")
+
+
+def link_url(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/s/{token}"
+
+
+def create_share(runtime: Runtime, row: InboundMessage, raw: bytes, member: Member,
+                 message: EmailMessage, request: ParsedShare) -> Done:
+    key = dedupe_key(raw, message)
+    existing = Share.get_or_none(Share.dedupe_key == key)
+    if existing:
+        return _duplicate(runtime, row, existing)
+
+    # Encrypting can take seconds for large files: do it before the transaction so the write
+    # lock is held only for the inserts. Blobs of a failed transaction are deleted again.
+    blobs = [put_bytes(runtime.documents, a.data) for a in request.attachments]
+    try:
+        share = _commit(runtime, row, member, message, request, blobs, key)
+    except peewee.IntegrityError:
+        _delete(runtime, blobs)
+        existing = Share.get_or_none(Share.dedupe_key == key)
+        if existing is None:
+            raise
+        return _duplicate(runtime, row, existing)
+    except BaseException:
+        _delete(runtime, blobs)
+        raise
+    runtime.wake_dispatcher.set()
+    log.info("inbound #%d: share #%d created with %d document(s) for %d recipient(s)",
+             row.id, share.id, len(blobs), len(request.recipients))
+    return Done(share.id, "share created")
+
+
+def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: EmailMessage,
+            request: ParsedShare, blobs: list[StoredBlob], key: str) -> Share:
+    settings = runtime.settings
+    now = runtime.clock()
+    deadline = now + dt.timedelta(hours=settings.shares.claim_hours)
+    clinic = member.clinic
+    when = deadline_text(deadline, clinic.timezone)
+    reply_key = tokens.new_reply_key()
+    with runtime.db.atomic():
+        share = Share.create(clinic=clinic, sender=member, inbound=row, title=request.title,
+                             note_html=request.note_html, created_at=now, dedupe_key=key,
+                             reply_key_hash=tokens.hash_token(reply_key))
+        audit.record("share_created", now, actor=member.email, share=share, member=member,
+                     inbound=row, detail={"documents": len(blobs),
+                                          "recipients": len(request.recipients)})
+        for position, (attachment, blob) in enumerate(zip(request.attachments, blobs,
+                                                          strict=True)):
+            Document.create(share=share, position=position, filename=attachment.filename,
+                            kind=attachment.kind, content_type=attachment.content_type,
+                            size=blob.size, sha256=blob.sha256, blob_id=blob.blob_id,
+                            blob_key=blob.wrapped_key)
+        for address in request.recipients:
+            token = tokens.new_link_token()
+            grant = Grant.create(share=share, address=address,
+                                 token_hash=tokens.hash_token(token), deadline=deadline,
+                                 created_at=now)
+            audit.record("grant_created", now, actor=member.email, share=share, grant=grant)
+            link = compose.link_email(settings, to=address,
+                                      link_url=link_url(settings.service.base_url, token),
+                                      clinic_name=clinic.name, sender_name=member.name,
+                                      document_count=len(blobs), deadline_text=when)
+            outbox.enqueue(runtime, link, kind="link", to_addr=address, share=share,
+                           grant=grant)
+        receipt = compose.receipt_email(
+            settings, to=member.email, sender_name=member.name, share_title=request.title,
+            recipients=list(request.recipients),
+            filenames=[a.filename for a in request.attachments], deadline_text=when,
+            reply_address=f"reply+{reply_key}@{settings.addresses.reply_domain}",
+            in_reply_to=message.get("Message-ID"))
+        queued = outbox.enqueue(runtime, receipt, kind="receipt", to_addr=member.email,
+                                share=share)
+        share.receipt_message_id = queued.message_id
+        share.save()
+        spool.conclude(row, "done", "share", f"share #{share.id}", now)
+    return share
+
+
+def _duplicate(runtime: Runtime, row: InboundMessage, existing: Share) -> Done:
+    with runtime.db.atomic():
+        spool.conclude(row, "done", "duplicate", f"same message as share #{existing.id}",
+                       runtime.clock())
+    log.info("inbound #%d is a repeat of share #%d; nothing new created", row.id, existing.id)
+    return Done(existing.id, "duplicate of an existing share")
+
+
+def _delete(runtime: Runtime, blobs: list[StoredBlob]) -> None:
+    for blob in blobs:
+        try:
+            runtime.documents.delete(blob.blob_id)
+        except OSError:
+            log.warning("could not remove an orphaned document blob %s", blob.blob_id)

@@ -1,0 +1,51 @@
+"""THE page to read: what happens to one spooled message, step by step.
+
+Each step is a small function that either hands data to the next step or ends the message
+with a typed outcome (`Ignore`, `Reject`, `Done`; `TempFail` is raised as an exception by
+whatever found the database unavailable). The final step records the outcome together with
+whatever it created, in one transaction.
+"""
+
+from __future__ import annotations
+
+from mailbridge import members, parse, screen, senders
+from mailbridge.actions import share
+from mailbridge.models import InboundMessage
+from mailbridge.outcomes import Ignore, Outcome, Reject
+from mailbridge.respond import ignore, reject
+from mailbridge.route import Route, route_message
+from mailbridge.runtime import Runtime
+
+
+def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
+    settings = runtime.settings
+    message = parse.read_message(raw)
+
+    # 1. Screen: auto-replies, bounces, lists and our own mail never act and never get a reply.
+    screened = screen.screen(message, row.envelope_from, row.envelope_to, settings)
+    if screened:
+        return ignore(runtime, row, screened)
+
+    # 2. Route: which of our addresses was this for?
+    route = route_message(row.envelope_to, settings)
+    if route is None:
+        return ignore(runtime, row, Ignore("not addressed to a mailbridge address"))
+    if route is not Route.SHARE:
+        return ignore(runtime, row, Ignore(f"{route.value} handling is not enabled"))
+
+    # 3. Identify the sender: an active member whose mail is authenticated (DKIM / trusted AR).
+    member = members.find_active(senders.from_address(message))
+    if member is None:
+        return ignore(runtime, row, Ignore("sender is not an active member"))
+    auth = senders.authenticate(raw, message, settings, dnsfunc=runtime.dnsfunc)
+    if not auth.ok:
+        return ignore(runtime, row, Ignore(f"sender not authenticated: {auth.reason}"),
+                      member=member)
+
+    # 4. Read what the member asked for: recipients, title, note, documents.
+    request = parse.parse_share(message, row.envelope_to, settings)
+    if isinstance(request, Reject):
+        return reject(runtime, row, request, member, message)
+
+    # 5. Act: one share, its documents, grants, audit events and e-mails — all or nothing.
+    return share.create_share(runtime, row, raw, member, message, request)

@@ -1,0 +1,1 @@
+"""Ways mail reaches the spool: SMTP (smtp.py)."""

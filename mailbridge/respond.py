@@ -1,0 +1,45 @@
+"""Ending a message without acting on it: silently (Ignore) or with one notice to the
+authenticated member who sent it (Reject)."""
+
+from __future__ import annotations
+
+import logging
+from email.message import EmailMessage
+
+from mailbridge import audit, spool
+from mailbridge.models import InboundMessage, Member
+from mailbridge.outbound import compose, outbox
+from mailbridge.outcomes import Ignore, Reject
+from mailbridge.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def ignore(runtime: Runtime, row: InboundMessage, outcome: Ignore,
+           member: Member | None = None) -> Ignore:
+    """No reply to anyone (RFC 3834, no backscatter). An attempt in a member's name that failed
+    authentication is still worth an audit event."""
+    now = runtime.clock()
+    with runtime.db.atomic():
+        if member is not None:
+            audit.record("sender_unauthenticated", now, actor=member.email, member=member,
+                         inbound=row, detail={"reason": outcome.reason})
+        spool.conclude(row, "ignored", "ignore", outcome.reason, now)
+    log.info("inbound #%d ignored: %s", row.id, outcome.reason)
+    return outcome
+
+
+def reject(runtime: Runtime, row: InboundMessage, outcome: Reject, member: Member,
+           message: EmailMessage) -> Reject:
+    now = runtime.clock()
+    notice = compose.notice_email(runtime.settings, to=member.email, code=outcome.code,
+                                  details=outcome.details,
+                                  in_reply_to=message.get("Message-ID"))
+    with runtime.db.atomic():
+        outbox.enqueue(runtime, notice, kind="notice", to_addr=member.email)
+        audit.record("share_rejected", now, actor=member.email, member=member, inbound=row,
+                     detail={"code": outcome.code})
+        spool.conclude(row, "rejected", outcome.code, outcome.reason, now)
+    runtime.wake_dispatcher.set()
+    log.info("inbound #%d rejected (%s); notice queued for the member", row.id, outcome.code)
+    return outcome

@@ -1,0 +1,53 @@
+"""What a running service hands to every part: settings, database, stores, keys and clock.
+
+Built once at start (`build_runtime`) and passed explicitly; nothing here is global.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import peewee
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from mailbridge.clock import Clock, system_clock
+from mailbridge.config import Settings, read_master_key
+from mailbridge.db import open_database
+from mailbridge.storage import BlobStore, LocalBlobStore
+
+
+def derive_key(master_key: bytes, purpose: str) -> bytes:
+    """A separate key per purpose, so one leaked derived key exposes one kind of data."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=f"mailbridge {purpose} v1".encode()).derive(master_key)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    db: peewee.Database
+    documents: BlobStore     # shared documents
+    spool: BlobStore         # raw inbound messages (they contain the documents too)
+    outbox_key: bytes        # seals rendered outbound messages in the database
+    clock: Clock = system_clock
+    # DKIM key lookups; None means real DNS. Tests inject a resolver serving their own keys.
+    dnsfunc: Callable | None = None
+    wake_worker: threading.Event = field(default_factory=threading.Event)
+    wake_dispatcher: threading.Event = field(default_factory=threading.Event)
+
+
+def build_runtime(settings: Settings, *, clock: Clock = system_clock,
+                  dnsfunc: Callable | None = None, master_key: bytes | None = None) -> Runtime:
+    key = master_key if master_key is not None else read_master_key(settings)
+    return Runtime(
+        settings=settings,
+        db=open_database(settings.database.url),
+        documents=LocalBlobStore(settings.documents_dir, derive_key(key, "documents")),
+        spool=LocalBlobStore(settings.spool_dir, derive_key(key, "spool")),
+        outbox_key=derive_key(key, "outbox"),
+        clock=clock,
+        dnsfunc=dnsfunc,
+    )

@@ -1,0 +1,75 @@
+"""`mailbridge serve`: SMTP intake, worker, outbound dispatcher, scheduler and web portal in
+one process, started in dependency order and stopped in reverse."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from waitress.server import create_server
+
+from mailbridge import jobs, schema, spool
+from mailbridge.config import ConfigError
+from mailbridge.outbound.dispatcher import Dispatcher
+from mailbridge.outbound.mailer import make_mailer
+from mailbridge.receive.smtp import make_controller
+from mailbridge.runtime import Runtime
+from mailbridge.web import create_app
+from mailbridge.worker import Worker, node_name
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, runtime: Runtime, *, web: bool = True, scheduler: bool = True) -> None:
+        self.runtime = runtime
+        self.node = node_name(runtime)
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailbridge-smtp")
+        self.smtp = make_controller(runtime, self.executor)
+        self.worker = Worker(runtime, self.node)
+        self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings))
+        self.scheduler = jobs.build_scheduler(runtime) if scheduler else None
+        self.web = None
+        if web:
+            self.web = create_server(create_app(runtime), host=runtime.settings.web.host,
+                                     port=runtime.settings.web.port, threads=8,
+                                     ident="mailbridge")
+        self._web_thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        version = schema.current_version(self.runtime.db)
+        if version < schema.LATEST:
+            raise ConfigError(f"[database] url: schema version {version} is older than "
+                              f"{schema.LATEST}; run `mailbridge db upgrade`")
+        spool.recover(self.runtime, self.node)
+        self.worker.start()
+        self.dispatcher.start()
+        if self.scheduler:
+            self.scheduler.start()
+        if self.web:
+            self._web_thread = threading.Thread(target=self.web.run, name="mailbridge-web",
+                                                daemon=True)
+            self._web_thread.start()
+        self.smtp.start()  # last: accept mail only once everything behind it runs
+
+    @property
+    def smtp_port(self) -> int:
+        return self.smtp.server.sockets[0].getsockname()[1]
+
+    @property
+    def web_port(self) -> int | None:
+        return self.web.effective_port if self.web else None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting first, then let in-flight work finish or hand it back."""
+        self.smtp.stop()
+        self.executor.shutdown(wait=True)
+        if not self.worker.stop(timeout):
+            log.warning("worker did not finish in time; its message will be resumed at start")
+        if self.scheduler:
+            self.scheduler.shutdown(wait=True)
+        self.dispatcher.stop(timeout)
+        if self.web:
+            self.web.close()
+        self.runtime.db.close()

@@ -1,0 +1,123 @@
+"""The durable intake queue. A message is encrypted to disk and its row committed before we
+answer 250; workers claim rows with a lease, so a crash leaves them to be processed again."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+
+import peewee
+
+from mailbridge.models import InboundMessage
+from mailbridge.runtime import Runtime
+from mailbridge.storage import put_bytes, read_all
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = ("done", "ignored", "rejected", "failed")
+
+
+def enqueue(runtime: Runtime, raw: bytes, *, channel: str, envelope_from: str,
+            envelope_to: list[str], source_key: str | None = None) -> InboundMessage:
+    """Store and commit; raises storage.StorageFull/StorageError or a database error, in
+    which case nothing was accepted."""
+    blob = put_bytes(runtime.spool, raw)
+    now = runtime.clock()
+    try:
+        with runtime.db.atomic():
+            row = InboundMessage.create(
+                received_at=now, channel=channel, envelope_from=envelope_from,
+                envelope_to=list(envelope_to), size=len(raw), blob_id=blob.blob_id,
+                blob_key=blob.wrapped_key, raw_sha256=hashlib.sha256(raw).hexdigest(),
+                source_key=source_key, state="queued", next_attempt_at=now)
+    except BaseException:
+        runtime.spool.delete(blob.blob_id)
+        raise
+    runtime.wake_worker.set()
+    return row
+
+
+def read_raw(runtime: Runtime, row: InboundMessage) -> bytes:
+    return read_all(runtime.spool, row.blob_id, bytes(row.blob_key))
+
+
+def claim_next(runtime: Runtime, node: str) -> InboundMessage | None:
+    """Take the oldest due row (or one whose lease ran out); safe with several workers/nodes."""
+    now = runtime.clock()
+    lease = now + dt.timedelta(seconds=runtime.settings.worker.lease_seconds)
+    due = ((InboundMessage.state == "queued") & (InboundMessage.next_attempt_at <= now)) | (
+        (InboundMessage.state == "processing") & (InboundMessage.lease_until < now))
+    for candidate in (InboundMessage.select(InboundMessage.id).where(due)
+                      .order_by(InboundMessage.next_attempt_at, InboundMessage.id).limit(5)):
+        with runtime.db.atomic():
+            taken = (InboundMessage.update(state="processing", lease_until=lease,
+                                           claimed_by=node,
+                                           attempts=InboundMessage.attempts + 1)
+                     .where((InboundMessage.id == candidate.id) & due).execute())
+        if taken:
+            return InboundMessage.get_by_id(candidate.id)
+    return None
+
+
+def recover(runtime: Runtime, node: str) -> int:
+    """At start: rows this node was processing when it last stopped are due again now."""
+    with runtime.db.atomic():
+        n = (InboundMessage.update(state="queued", lease_until=None, claimed_by="",
+                                   next_attempt_at=runtime.clock())
+             .where((InboundMessage.state == "processing") & (InboundMessage.claimed_by == node))
+             .execute())
+    if n:
+        log.info("spool: %d message(s) interrupted by the last stop are queued again", n)
+    return n
+
+
+def conclude(row: InboundMessage, state: str, outcome: str, reason: str,
+             now: dt.datetime) -> None:
+    """Record a final state, inside the caller's transaction (with whatever the message made)."""
+    (InboundMessage.update(state=state, outcome=outcome, reason=reason[:2000], finished_at=now,
+                           lease_until=None)
+     .where(InboundMessage.id == row.id).execute())
+
+
+def retry_later(runtime: Runtime, row: InboundMessage, reason: str) -> str:
+    """TempFail: back off, or park as failed after `[worker] max_attempts`."""
+    cfg = runtime.settings.worker
+    now = runtime.clock()
+    with runtime.db.atomic():
+        if row.attempts >= cfg.max_attempts:
+            conclude(row, "failed", "tempfail", f"gave up after {row.attempts} attempts: {reason}",
+                     now)
+            return "failed"
+        delay = cfg.retry_base_seconds * 2 ** max(row.attempts - 1, 0)
+        (InboundMessage.update(state="queued", lease_until=None, claimed_by="", reason=reason,
+                               next_attempt_at=now + dt.timedelta(seconds=delay))
+         .where(InboundMessage.id == row.id).execute())
+    return "queued"
+
+
+def park_failed(runtime: Runtime, row: InboundMessage, error: str) -> None:
+    with runtime.db.atomic():
+        conclude(row, "failed", "error", error, runtime.clock())
+
+
+def release(runtime: Runtime, row: InboundMessage) -> None:
+    """Shutting down mid-message: hand the row back untouched."""
+    with runtime.db.atomic():
+        (InboundMessage.update(state="queued", lease_until=None, claimed_by="",
+                               attempts=peewee.Case(None, [(InboundMessage.attempts > 0,
+                                                            InboundMessage.attempts - 1)], 0))
+         .where((InboundMessage.id == row.id) & (InboundMessage.state == "processing"))
+         .execute())
+
+
+def requeue(runtime: Runtime, row_id: int) -> bool:
+    """Operator's `spool retry ID`: a failed (or stuck) message is processed again."""
+    with runtime.db.atomic():
+        n = (InboundMessage.update(state="queued", attempts=0, lease_until=None, claimed_by="",
+                                   next_attempt_at=runtime.clock(), finished_at=None)
+             .where((InboundMessage.id == row_id) & (InboundMessage.state << ("failed", "queued")))
+             .execute())
+    if n:
+        runtime.wake_worker.set()
+    return bool(n)

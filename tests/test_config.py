@@ -1,0 +1,137 @@
+"""The configuration contract: keys, defaults, environment overrides and errors naming keys."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+
+from mailbridge.config import ConfigError, load_settings, read_master_key, read_relay_password
+
+ROOT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "config.toml")
+
+MINIMAL = """
+[service]
+base_url = "https://portal.example"
+[addresses]
+sharing = "share@portal.example"
+reply_domain = "reply.portal.example"
+[outbound]
+from = "mailbridge@portal.example"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_toml_loads_with_every_contract_key():
+    s = load_settings(ROOT_CONFIG, env={})
+    assert s.service.base_url and s.service.data_dir.is_absolute()
+    assert s.database.url.startswith("sqlite:///")
+    assert (s.smtp.host, s.smtp.port) == ("127.0.0.1", 2525)
+    assert s.smtp.max_message_bytes > 25 * 1024 * 1024
+    assert s.addresses.sharing == "share@portal.example"
+    assert s.addresses.reply_domain == "reply.portal.example"
+    assert s.outbound.transport == "maildir" and s.outbound.from_
+    assert s.outbound.maildir
+    relay = s.outbound.smtp
+    assert (relay.host, relay.port, relay.starttls, relay.username, relay.password_env) == (
+        "127.0.0.1", 25, False, "", "MAILBRIDGE_RELAY_PASSWORD")
+    assert (s.web.host, s.web.port) == ("127.0.0.1", 8080)
+    assert s.shares.claim_hours == 24
+    assert s.senders.require_authentication is True
+    assert s.senders.trusted_authserv_ids == ()
+
+
+def test_defaults_derive_paths_from_data_dir(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL + '\n'), env={})
+    assert s.service.data_dir == tmp_path / "var"
+    assert s.database.url == f"sqlite:///{tmp_path / 'var' / 'mailbridge.db'}"
+    assert s.outbound.maildir == str(tmp_path / "var" / "outbox")
+
+
+def test_every_key_overridable_by_environment(tmp_path):
+    env = {
+        "MAILBRIDGE_SMTP_PORT": "2600",
+        "MAILBRIDGE_DATABASE_URL": "postgresql://u@db.example:5432/mb",
+        "MAILBRIDGE_OUTBOUND_TRANSPORT": "smtp",
+        "MAILBRIDGE_OUTBOUND_FROM": "noreply@portal.example",
+        "MAILBRIDGE_OUTBOUND_SMTP_HOST": "relay.example",
+        "MAILBRIDGE_OUTBOUND_SMTP_STARTTLS": "true",
+        "MAILBRIDGE_SHARES_CLAIM_HOURS": "0.5",
+        "MAILBRIDGE_SENDERS_REQUIRE_AUTHENTICATION": "false",
+        "MAILBRIDGE_SENDERS_TRUSTED_AUTHSERV_IDS": "mx1.example, mx2.example",
+        "MAILBRIDGE_WEB_PORT": "9000",
+    }
+    s = load_settings(write(tmp_path, MINIMAL), env=env)
+    assert s.smtp.port == 2600
+    assert s.database.url == "postgresql://u@db.example:5432/mb"
+    assert s.outbound.transport == "smtp" and s.outbound.from_ == "noreply@portal.example"
+    assert s.outbound.smtp.host == "relay.example" and s.outbound.smtp.starttls is True
+    assert s.shares.claim_hours == 0.5
+    assert s.senders.require_authentication is False
+    assert s.senders.trusted_authserv_ids == ("mx1.example", "mx2.example")
+    assert s.web.port == 9000
+
+
+def test_settings_are_frozen(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL), env={})
+    with pytest.raises(AttributeError):
+        s.smtp.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, env, key", [
+    (MINIMAL.replace('base_url = "https://portal.example"', ""), {}, "[service] base_url"),
+    (MINIMAL, {"MAILBRIDGE_SMTP_PORT": "abc"}, "[smtp] port"),
+    (MINIMAL, {"MAILBRIDGE_SMTP_PORT": "70000"}, "[smtp] port"),
+    (MINIMAL, {"MAILBRIDGE_OUTBOUND_TRANSPORT": "pigeon"}, "[outbound] transport"),
+    (MINIMAL, {"MAILBRIDGE_ADDRESSES_SHARING": "not-an-address"}, "[addresses] sharing"),
+    (MINIMAL, {"MAILBRIDGE_DATABASE_URL": "mysql://x"}, "[database] url"),
+    (MINIMAL, {"MAILBRIDGE_SHARES_CLAIM_HOURS": "0"}, "[shares] claim_hours"),
+    (MINIMAL, {"MAILBRIDGE_SENDERS_REQUIRE_AUTHENTICATION": "maybe"},
+     "[senders] require_authentication"),
+    (MINIMAL + "\n[smtp]\nprot = 25\n", {}, "[smtp] prot"),
+    (MINIMAL + "\n[smpt]\nport = 25\n", {}, "[smpt]"),
+    (MINIMAL + '\n[limits]\nallowed_types = ["exe"]\n', {}, "[limits] allowed_types"),
+    (MINIMAL.replace('from = "mailbridge@portal.example"', ""), {}, "[outbound] from"),
+])
+def test_wrong_or_missing_key_names_the_key(tmp_path, text, env, key):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env=env)
+    assert str(info.value).startswith(key)
+
+
+def test_missing_file_names_the_option(tmp_path):
+    with pytest.raises(ConfigError, match="--config"):
+        load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_master_key_from_env_or_file_and_never_in_repr(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL), env={})
+    key = os.urandom(32)
+    encoded = base64.b64encode(key).decode()
+    assert read_master_key(s, env={"MAILBRIDGE_MASTER_KEY": encoded}) == key
+    with pytest.raises(ConfigError, match="master_key_file"):
+        read_master_key(s, env={})
+    s.master_key_path.parent.mkdir(parents=True)
+    s.master_key_path.write_text(encoded + "\n")
+    assert read_master_key(s, env={}) == key
+    assert encoded not in repr(s)
+    with pytest.raises(ConfigError, match="MAILBRIDGE_MASTER_KEY"):
+        read_master_key(s, env={"MAILBRIDGE_MASTER_KEY": "c2hvcnQ="})
+
+
+def test_relay_password_from_named_env_or_file(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL + '\n[outbound.smtp]\npassword_env = "RELAY_PW"\n'),
+                      env={})
+    assert read_relay_password(s, env={"RELAY_PW": "hunter2hunter2"}) == "hunter2hunter2"
+    assert "hunter2" not in repr(s)
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    s2 = load_settings(write(tmp_path, MINIMAL + f'\n[outbound.smtp]\npassword_file = "{pw}"\n'),
+                       env={})
+    assert read_relay_password(s2, env={}) == "from-file"
