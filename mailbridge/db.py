@@ -21,8 +21,9 @@ SQLITE_PRAGMAS = {
     "synchronous": "full",  # a 250 must survive power loss, not only a crash
 }
 
-# Errors that mean "the database is not usable right now": the caller answers 451 / retries.
-UNAVAILABLE = (peewee.OperationalError, peewee.InterfaceError)
+# Errors that mean "the database is not usable right now" (locked, gone, connection lost):
+# the caller answers 451 or retries later.
+UNAVAILABLE = (peewee.DatabaseError, peewee.InterfaceError)
 
 
 def open_database(url: str) -> peewee.Database:

@@ -1,0 +1,49 @@
+"""Small builders shared by tests: members, messages, a tiny PDF."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from email.utils import make_msgid
+
+from mailbridge.clock import system_clock
+from mailbridge.members import add_member
+
+MEMBER = "jane.doe@clinic.example"
+
+
+def wire(raw: bytes | EmailMessage) -> bytes:
+    """CRLF line ends, as every real SMTP client sends (smtplib passes bytes through as-is)."""
+    data = raw if isinstance(raw, bytes) else bytes(raw)
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def pdf_bytes(marker: str = "plan of care", size: int = 0) -> bytes:
+    """A small valid-looking PDF; `size` pads it to roughly that many bytes."""
+    body = (b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n"
+            b"2 0 obj << /Type /Pages /Kids [] /Count 0 >> endobj\n"
+            b"% " + marker.encode() + b"\n")
+    if size > len(body):
+        body += b"% " + b"x" * (size - len(body) - 20) + b"\n"
+    return body + b"trailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+def add_jane(clinic: str = "Riverside PT", timezone: str = "America/New_York"):
+    return add_member(MEMBER, "Jane Doe", clinic, system_clock(), timezone=timezone)
+
+
+def share_message(*, sender: str = MEMBER, recipients=("dr.smith@ortho.example",),
+                  subject: str = "POC for patient R.T.", note: str = "Please review.",
+                  attachments=(("plan-of-care.pdf", None),), to: str = "share@portal.example",
+                  message_id: str | None = None) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Jane Doe <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = message_id or make_msgid(domain="clinic.example")
+    msg["Date"] = "Sat, 28 Nov 2026 09:00:00 -0500"
+    lines = [f"To: {', '.join(recipients)}"] if recipients else []
+    msg.set_content("\n".join([*lines, "", note]) + "\n")
+    for name, data in attachments:
+        msg.add_attachment(data if data is not None else pdf_bytes(name), maintype="application",
+                           subtype="pdf", filename=name)
+    return msg
