@@ -103,3 +103,91 @@ def runtime(settings):
     schema.upgrade(rt.db, system_clock())
     yield rt
     rt.db.close()
+
+
+# --- the running service ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def keyring():
+    """DKIM keys for the member's domain, served by an injected resolver."""
+    from tests.dkim_helpers import DkimKeyring
+
+    ring = DkimKeyring()
+    ring.private_key = ring.add("clinic.example", "mb2024", bits=1024)
+    return ring
+
+
+@pytest.fixture
+def sink():
+    from tests.smtp_sink import SmtpSink
+
+    with SmtpSink() as s:
+        yield s
+
+
+class RunningService:
+    def __init__(self, service, runtime, sink, keyring):
+        self.service, self.runtime, self.sink, self.keyring = service, runtime, sink, keyring
+
+    @property
+    def smtp_port(self) -> int:
+        return self.runtime.settings.smtp.port
+
+    def send(self, message, *, sign: bool = True, sender: str | None = None,
+             rcpts=(SHARING,)) -> None:
+        """Deliver like a member's provider would: DKIM-signed, CRLF, over SMTP."""
+        import smtplib
+
+        from tests.dkim_helpers import sign as dkim_sign
+        from tests.helpers import wire
+
+        raw = wire(message)
+        if sign:
+            raw = dkim_sign(raw, "clinic.example", "mb2024", self.keyring.private_key)
+        envelope_from = sender if sender is not None else message["From"].addresses[0].addr_spec
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as smtp:
+            smtp.sendmail(envelope_from, list(rcpts), raw)
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait until the spool and the outbox have nothing left to do."""
+        import time
+
+        from mailbridge.models import InboundMessage, OutboundMessage
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = (InboundMessage.select().where(InboundMessage.state << ("queued",
+                                                                           "processing")).count()
+                    + OutboundMessage.select().where(OutboundMessage.state << ("queued",
+                                                                               "sending")).count())
+            if not busy:
+                return
+            time.sleep(0.05)
+        raise TimeoutError("service did not finish its work in time")
+
+
+def start_service(tmp_path, db_url, sink, keyring, **env):
+    from mailbridge.service import Service
+
+    values = {
+        "MAILBRIDGE_SMTP_PORT": str(free_port()),
+        "MAILBRIDGE_WEB_PORT": "0",
+        "MAILBRIDGE_OUTBOUND_TRANSPORT": "smtp",
+        "MAILBRIDGE_OUTBOUND_SMTP_PORT": str(sink.port),
+        "MAILBRIDGE_OUTBOUND_RETRY_BASE_SECONDS": "0.2",
+    }
+    values.update(env)
+    settings = make_settings(tmp_path / "data", db_url, **values)
+    rt = build_runtime(settings, master_key=secrets.token_bytes(32), dnsfunc=keyring.dnsfunc)
+    schema.upgrade(rt.db, system_clock())
+    svc = Service(rt)
+    svc.start()
+    return RunningService(svc, rt, sink, keyring)
+
+
+@pytest.fixture
+def service(tmp_path, db_url, sink, keyring):
+    running = start_service(tmp_path, db_url, sink, keyring)
+    yield running
+    running.service.stop(timeout=10)
