@@ -1,9 +1,9 @@
 """THE page to read: what happens to one spooled message, step by step.
 
 Each step is a small function that either hands data to the next step or ends the message
-with a typed outcome (`Ignore`, `Reject`, `Done`; `TempFail` is raised as an exception by
-whatever found the database unavailable). The final step records the outcome together with
-whatever it created, in one transaction.
+with a typed outcome: `Ignore`, `Reject`, `Done`, or `TempFail` (the worker retries later;
+a database outage surfaces as an exception the worker treats the same way). The final step
+records the outcome together with whatever it created, in one transaction.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from mailbridge import members, parse, screen, senders
 from mailbridge.actions import share
 from mailbridge.models import InboundMessage
-from mailbridge.outcomes import Ignore, Outcome, Reject
+from mailbridge.outcomes import Ignore, Outcome, Reject, TempFail
 from mailbridge.respond import ignore, reject
 from mailbridge.route import Route, route_message
 from mailbridge.runtime import Runtime
@@ -38,6 +38,8 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     if member is None:
         return ignore(runtime, row, Ignore("sender is not an active member"))
     auth = senders.authenticate(raw, message, settings, dnsfunc=runtime.dnsfunc)
+    if not auth.ok and auth.temporary:  # DNS timed out: the worker retries later
+        return TempFail(f"sender authentication incomplete: {auth.reason}")
     if not auth.ok:
         return ignore(runtime, row, Ignore(f"sender not authenticated: {auth.reason}"),
                       member=member)

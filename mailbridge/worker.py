@@ -13,6 +13,7 @@ import traceback
 
 from mailbridge import db, pipeline, spool
 from mailbridge.models import InboundMessage
+from mailbridge.outcomes import TempFail
 from mailbridge.runtime import Runtime
 from mailbridge.storage import StorageError
 
@@ -29,6 +30,9 @@ def handle(runtime: Runtime, row: InboundMessage) -> str:
     try:
         raw = spool.read_raw(runtime, row)
         outcome = pipeline.process(runtime, row, raw)
+        if isinstance(outcome, TempFail):
+            log.info("inbound #%d: temporary failure; will retry", row.id)
+            return spool.retry_later(runtime, row, outcome.reason)
         return type(outcome).__name__.lower()
     except db.UNAVAILABLE as exc:
         db.reset_connection(runtime.db)

@@ -73,3 +73,34 @@ def test_expired_lease_of_a_dead_node_is_taken_over(no_auth):
     clock.advance(seconds=rt.settings.worker.lease_seconds + 1)
     assert worker.run_once(rt, "node-b")
     assert Share.select().count() == 1
+
+
+def test_dns_timeout_during_authentication_is_retried_not_dropped(runtime):
+    import dataclasses
+
+    import dkim
+
+    from tests.dkim_helpers import DkimKeyring, sign
+
+    ring = DkimKeyring()
+    pem = ring.add("clinic.example", "mb2024", bits=1024)
+    dns_down = {"down": True}
+
+    def flaky_dns(name, timeout=5):
+        if dns_down["down"]:
+            raise dkim.DnsTimeoutError("simulated DNS timeout")
+        return ring.dnsfunc(name, timeout)
+
+    rt = dataclasses.replace(runtime, dnsfunc=flaky_dns)
+    add_jane()
+    spool.enqueue(rt, sign(wire(share_message()), "clinic.example", "mb2024", pem),
+                  channel="smtp", envelope_from="jane.doe@clinic.example",
+                  envelope_to=["share@portal.example"])
+    assert worker.run_once(rt, "node-a")
+    row = InboundMessage.get()
+    assert row.state == "queued" and row.next_attempt_at > row.received_at
+    assert Share.select().count() == 0 and OutboundMessage.select().count() == 0
+    dns_down["down"] = False
+    InboundMessage.update(next_attempt_at=row.received_at).execute()
+    assert worker.run_once(rt, "node-a")
+    assert InboundMessage.get().state == "done" and Share.select().count() == 1
