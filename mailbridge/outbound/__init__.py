@@ -1,0 +1,1 @@
+"""Outbound mail: render (compose), queue (outbox), send (mailer) and drive (dispatcher)."""

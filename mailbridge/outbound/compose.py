@@ -1,0 +1,140 @@
+"""Renders the e-mails mailbridge sends (recipient links, sender receipts, notices) from the
+Jinja2 templates in templates/email."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+
+import jinja2
+
+import mailbridge
+from mailbridge.clock import system_clock
+from mailbridge.config import Settings
+
+EMAIL_TEMPLATES = Path(mailbridge.__file__).resolve().parent.parent / "templates" / "email"
+SERVICE_NAME = "mailbridge"
+
+NOTICE_CODES = frozenset({
+    "no_recipients", "bad_recipient", "own_address", "too_many_recipients", "no_attachments",
+    "disallowed_type", "too_large", "too_large_total", "too_many_parts", "too_deep", "tnef",
+    "unreadable_attachment", "link_undeliverable",
+})
+
+
+def link_email(settings: Settings, *, to: str, link_url: str, clinic_name: str,
+               sender_name: str, document_count: int, deadline_text: str,
+               templates: Path | None = None, now: dt.datetime | None = None) -> EmailMessage:
+    """The e-mail to one recipient. It carries no PHI: it is never given the subject, the
+    filenames or the note, only who shared how many documents and the link."""
+    values = dict(to=to, link_url=link_url, clinic_name=_one_line(clinic_name),
+                  sender_name=_one_line(sender_name), document_count=document_count,
+                  deadline_text=deadline_text)
+    subject, text = _render_text(settings, templates, "link.txt", values)
+    html = _render(settings, templates, "link.html", values)
+    return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
+                    from_name=f"{values['clinic_name']} via {SERVICE_NAME}")
+
+
+def receipt_email(settings: Settings, *, to: str, sender_name: str, share_title: str,
+                  recipients: list[str], filenames: list[str], deadline_text: str,
+                  reply_address: str, in_reply_to: str | None,
+                  templates: Path | None = None, now: dt.datetime | None = None
+                  ) -> EmailMessage:
+    """The receipt to the sender; replying to it (Reply-To) is how the share is managed."""
+    values = dict(to=to, sender_name=_one_line(sender_name), share_title=_one_line(share_title),
+                  recipients=recipients, filenames=filenames, deadline_text=deadline_text)
+    subject, text = _render_text(settings, templates, "receipt.txt", values)
+    html = _render(settings, templates, "receipt.html", values)
+    return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
+                    reply_to=reply_address, in_reply_to=in_reply_to)
+
+
+def notice_email(settings: Settings, *, to: str, code: str, details: dict,
+                 in_reply_to: str | None, templates: Path | None = None,
+                 now: dt.datetime | None = None) -> EmailMessage:
+    """One plain-language notice to a member: what was wrong and how to fix it."""
+    if code not in NOTICE_CODES:
+        raise ValueError(f"unknown notice code {code!r}")
+    subject, text = _render_text(settings, templates, f"notice_{code}.txt",
+                                 dict(to=to, details=details))
+    return _message(settings, to=to, subject=subject, text=text, now=now,
+                    in_reply_to=in_reply_to)
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def megabytes(n: int) -> str:
+    return f"{round(n / (1024 * 1024), 1):g} MB"
+
+
+@functools.lru_cache(maxsize=8)
+def _environment(directory: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(directory),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
+        # A missing value is a bug in the caller, not something to render as blank.
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters["megabytes"] = megabytes
+    return env
+
+
+def _render(settings: Settings, templates: Path | None, name: str, values: dict) -> str:
+    env = _environment(Path(templates or EMAIL_TEMPLATES))
+    return env.get_template(name).render(
+        service_name=SERVICE_NAME, sharing_address=settings.addresses.sharing,
+        sharing_local=settings.sharing_local, sharing_domain=settings.sharing_domain,
+        base_url=settings.service.base_url, **values)
+
+
+def _render_text(settings: Settings, templates: Path | None, name: str,
+                 values: dict) -> tuple[str, str]:
+    """Text templates render the subject on their first line (see base.txt)."""
+    subject, _, body = _render(settings, templates, name, values).partition("\n")
+    return _one_line(subject), body.lstrip("\n")
+
+
+def _one_line(value: str) -> str:
+    # Values from e-mail and the database end up in headers: no line breaks, no runs of space.
+    return " ".join(value.split())
+
+
+def _message(settings: Settings, *, to: str, subject: str, text: str, html: str | None = None,
+             from_name: str = SERVICE_NAME, reply_to: str | None = None,
+             in_reply_to: str | None = None, now: dt.datetime | None = None) -> EmailMessage:
+    # The SMTP policy writes CRLF line ends: the bytes go to the relay unchanged.
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = Address(display_name=from_name, addr_spec=settings.outbound.from_)
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime((now or system_clock()).replace(tzinfo=dt.UTC))
+    msg["Message-ID"] = make_msgid(domain=settings.addresses.reply_domain)
+    if reply_to:
+        msg["Reply-To"] = reply_to
+    original = _one_line(in_reply_to or "")
+    if original:
+        msg["In-Reply-To"] = original
+        msg["References"] = original
+    # RFC 3834: answers to a member's message are auto-replied, everything else generated.
+    msg["Auto-Submitted"] = "auto-replied" if original else "auto-generated"
+    msg["X-Auto-Response-Suppress"] = "All"  # keeps Exchange out-of-office replies away
+    msg.set_content(text, cte=_transfer_encoding(text))
+    if html is not None:
+        msg.add_alternative(html, subtype="html", cte=_transfer_encoding(html))
+    return msg
+
+
+def _transfer_encoding(body: str) -> str:
+    # Plain ASCII within the 998-octet line limit goes as is, so a link stays whole in the
+    # raw message; anything else is quoted-printable.
+    if body.isascii() and all(len(line) <= 998 for line in body.splitlines()):
+        return "7bit"
+    return "quoted-printable"

@@ -1,0 +1,123 @@
+"""The transactional outbox: rendered e-mails are queued (sealed) in the same transaction as the
+change that caused them, then claimed, sent and marked by the dispatcher."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from email.message import EmailMessage
+
+from mailbridge.models import Grant, OutboundMessage, Share
+from mailbridge.runtime import Runtime
+from mailbridge.storage import seal, unseal
+
+LEASE_SECONDS = 300.0
+MAX_ERROR_CHARS = 500
+
+
+def enqueue(runtime: Runtime, msg: EmailMessage, *, kind: str, to_addr: str,
+            envelope_from: str | None = None, share: Share | int | None = None,
+            grant: Grant | int | None = None) -> OutboundMessage:
+    """Queue `msg` for sending. Runs inside the caller's transaction; after the commit the
+    caller calls `notify(runtime)` so the dispatcher sends it at once."""
+    message_id = msg["Message-ID"]
+    if not message_id:
+        raise ValueError("an outbound message needs a Message-ID")
+    now = runtime.clock()
+    # Always CRLF on the wire, whatever policy the message was built with.
+    raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    return OutboundMessage.create(
+        created_at=now, kind=kind, share=share, grant=grant, to_addr=to_addr,
+        envelope_from=envelope_from or runtime.settings.outbound.from_,
+        message_id=str(message_id),
+        sealed=seal(runtime.outbox_key, raw, _aad(str(message_id), to_addr)),
+        state="queued", attempts=0, next_attempt_at=now)
+
+
+def notify(runtime: Runtime) -> None:
+    """Wake the dispatcher; call after the transaction that enqueued has committed."""
+    runtime.wake_dispatcher.set()
+
+
+def claim_due(runtime: Runtime, limit: int = 20,
+              lease_seconds: float = LEASE_SECONDS) -> list[OutboundMessage]:
+    """Take up to `limit` rows that are due (or whose sender crashed mid-send) and lease them.
+
+    Each row is taken with a conditional UPDATE, so two dispatchers (two nodes) never get
+    the same row. Claiming counts as an attempt: a message that crashes the dispatcher
+    still runs out of attempts.
+    """
+    now = runtime.clock()
+    candidates = list(OutboundMessage.select(OutboundMessage.id)
+                      .where(_claimable(now)).order_by(OutboundMessage.next_attempt_at)
+                      .limit(limit))
+    claimed = []
+    with runtime.db.atomic():
+        for row in candidates:
+            changed = (OutboundMessage
+                       .update(state="sending", attempts=OutboundMessage.attempts + 1,
+                               lease_until=now + dt.timedelta(seconds=lease_seconds))
+                       .where(OutboundMessage.id == row.id, _claimable(now))
+                       .execute())
+            if changed:
+                claimed.append(row.id)
+    if not claimed:
+        return []
+    return list(OutboundMessage.select().where(OutboundMessage.id.in_(claimed))
+                .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id))
+
+
+def open_message(runtime: Runtime, row: OutboundMessage) -> bytes:
+    """The message bytes to send; raises cryptography's InvalidTag if the row was tampered."""
+    return unseal(runtime.outbox_key, bytes(row.sealed), _aad(row.message_id, row.to_addr))
+
+
+def mark_sent(runtime: Runtime, row: OutboundMessage) -> None:
+    _set(row, state="sent", sent_at=runtime.clock(), lease_until=None, last_error="")
+
+
+def mark_retry(runtime: Runtime, row: OutboundMessage, error: str) -> str:
+    """Back off exponentially, or fail once the attempts are used up. Returns the new state."""
+    out = runtime.settings.outbound
+    if row.attempts >= out.max_attempts:
+        mark_failed(runtime, row, error)
+        return "failed"
+    delay = min(out.retry_base_seconds * 2 ** max(row.attempts - 1, 0), out.retry_max_seconds)
+    _set(row, state="queued", lease_until=None, last_error=_clip(error),
+         next_attempt_at=runtime.clock() + dt.timedelta(seconds=delay))
+    return "queued"
+
+
+def mark_failed(runtime: Runtime, row: OutboundMessage, error: str) -> None:
+    _set(row, state="failed", lease_until=None, last_error=_clip(error))
+
+
+def release(runtime: Runtime, rows: Iterable[OutboundMessage]) -> None:
+    """Hand claimed but unsent rows back (the dispatcher is stopping); the claim is undone."""
+    for row in rows:
+        (OutboundMessage
+         .update(state="queued", lease_until=None, attempts=OutboundMessage.attempts - 1)
+         .where(OutboundMessage.id == row.id, OutboundMessage.state == "sending")
+         .execute())
+
+
+def _claimable(now: dt.datetime):
+    queued_due = (OutboundMessage.state == "queued") & (OutboundMessage.next_attempt_at <= now)
+    lease_lapsed = (OutboundMessage.state == "sending") & (OutboundMessage.lease_until < now)
+    return queued_due | lease_lapsed
+
+
+def _set(row: OutboundMessage, **values) -> None:
+    OutboundMessage.update(**values).where(OutboundMessage.id == row.id).execute()
+    for name, value in values.items():
+        setattr(row, name, value)
+
+
+def _aad(message_id: str, to_addr: str) -> bytes:
+    # Binds the sealed bytes to their row: a sealed message copied to another row won't open.
+    return f"outbox\x00{message_id}\x00{to_addr}".encode()
+
+
+def _clip(error: str) -> str:
+    # Callers pass relay responses and error classes, never message content.
+    return " ".join(error.split())[:MAX_ERROR_CHARS]

@@ -1,0 +1,103 @@
+"""A real SMTP server for tests (aiosmtpd in a thread) that keeps every message it accepts,
+and can refuse chosen recipients or answer 451 to the first few deliveries."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+from aiosmtpd.controller import Controller
+
+
+@dataclass(frozen=True)
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    message: EmailMessage
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on (also handy as a relay that is down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Handler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self.sink = sink
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower() in self.sink.refuse:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        return self.sink._accept(envelope.mail_from, list(envelope.rcpt_tos),
+                                 bytes(envelope.original_content or envelope.content))
+
+
+class SmtpSink:
+    """Use as `with SmtpSink() as sink:`; `sink.port` is where it listens.
+
+    refuse: recipients answered `550 5.1.1` at RCPT.
+    tempfail_first: how many DATA commands are answered `451` before messages are accepted.
+    """
+
+    def __init__(self, *, refuse: Iterable[str] = (), tempfail_first: int = 0) -> None:
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.refuse = {a.lower() for a in refuse}
+        self.tempfail_left = tempfail_first
+        self.attempts = 0  # DATA commands seen, accepted or not
+        self._received: list[Received] = []
+        self._cond = threading.Condition()
+        self._controller = Controller(_Handler(self), hostname=self.host, port=self.port)
+
+    @property
+    def messages(self) -> list[Received]:
+        with self._cond:
+            return list(self._received)
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+        """Block until at least `count` messages arrived; raises TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._received) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(self._received)} of {count} messages arrived")
+                self._cond.wait(left)
+            return list(self._received)
+
+    def start(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def __enter__(self) -> SmtpSink:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes) -> str:
+        with self._cond:
+            self.attempts += 1
+            if self.tempfail_left > 0:
+                self.tempfail_left -= 1
+                return "451 4.3.0 Temporary failure, try again later"
+            message = BytesParser(policy=policy.default).parsebytes(raw)
+            self._received.append(Received(mail_from, rcpt_tos, raw, message))
+            self._cond.notify_all()
+        return "250 Message accepted for delivery"
