@@ -9,8 +9,7 @@ import re
 import pytest
 
 from mailbridge import spool, storage, tokens
-from mailbridge.models import (AuditEvent, Document, Grant, InboundMessage, OutboundMessage,
-                               Share)
+from mailbridge.models import AuditEvent, Document, Grant, InboundMessage, OutboundMessage, Share
 from tests.helpers import MEMBER, add_jane, pdf_bytes, share_message
 
 LINK = re.compile(rb"http://portal\.example/s/([A-Za-z0-9_-]{43})")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mailbridge import spool, worker
-from mailbridge.models import (AuditEvent, Document, Grant, InboundMessage, OutboundMessage,
-                               Share)
+from mailbridge.models import AuditEvent, Document, Grant, InboundMessage, OutboundMessage, Share
 from mailbridge.outbound import compose
 from tests.helpers import add_jane, share_message, wire
 
