@@ -227,7 +227,7 @@ def shares_list(ctx: Context, limit: int) -> None:
 
 
 @shares.command("show")
-@click.argument("share_id", type=int)
+@click.argument("share_id", type=int, metavar="ID")
 @pass_ctx
 def shares_show(ctx: Context, share_id: int) -> None:
     """One share: documents and recipients."""
@@ -274,7 +274,7 @@ def spool_list(ctx: Context, state: str, limit: int) -> None:
 
 
 @spool_group.command("retry")
-@click.argument("message_id", type=int)
+@click.argument("message_id", type=int, metavar="ID")
 @pass_ctx
 def spool_retry(ctx: Context, message_id: int) -> None:
     """Queue a failed message for processing again."""

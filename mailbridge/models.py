@@ -139,6 +139,7 @@ class OutboundMessage(BaseModel):
     attempts = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField()
     lease_until = pw.DateTimeField(null=True)
+    claimed_by = pw.CharField(max_length=200, default="")  # node that holds the lease
     last_error = pw.TextField(default="")
     sent_at = pw.DateTimeField(null=True)
 

@@ -11,6 +11,7 @@ from waitress.server import create_server
 
 from mailbridge import jobs, schema, spool
 from mailbridge.config import ConfigError
+from mailbridge.outbound import outbox
 from mailbridge.outbound.dispatcher import Dispatcher
 from mailbridge.outbound.mailer import make_mailer
 from mailbridge.receive.smtp import make_controller
@@ -28,7 +29,7 @@ class Service:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailbridge-smtp")
         self.smtp = make_controller(runtime, self.executor)
         self.worker = Worker(runtime, self.node)
-        self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings))
+        self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node)
         self.scheduler = jobs.build_scheduler(runtime) if scheduler else None
         self.web = None
         if web:
@@ -43,6 +44,7 @@ class Service:
             raise ConfigError(f"[database] url: schema version {version} is older than "
                               f"{schema.LATEST}; run `mailbridge db upgrade`")
         spool.recover(self.runtime, self.node)
+        outbox.recover(self.runtime, self.node)
         self.worker.start()
         self.dispatcher.start()
         if self.scheduler:

@@ -48,15 +48,18 @@ def claim_next(runtime: Runtime, node: str) -> InboundMessage | None:
     lease = now + dt.timedelta(seconds=runtime.settings.worker.lease_seconds)
     due = ((InboundMessage.state == "queued") & (InboundMessage.next_attempt_at <= now)) | (
         (InboundMessage.state == "processing") & (InboundMessage.lease_until < now))
-    for candidate in (InboundMessage.select(InboundMessage.id).where(due)
-                      .order_by(InboundMessage.next_attempt_at, InboundMessage.id).limit(5)):
+    # Read the candidates completely first: on SQLite an open read cursor would make the
+    # write transaction below fail at once instead of waiting for the lock.
+    candidates = [row.id for row in InboundMessage.select(InboundMessage.id).where(due)
+                  .order_by(InboundMessage.next_attempt_at, InboundMessage.id).limit(5)]
+    for candidate in candidates:
         with runtime.db.atomic():
             taken = (InboundMessage.update(state="processing", lease_until=lease,
                                            claimed_by=node,
                                            attempts=InboundMessage.attempts + 1)
-                     .where((InboundMessage.id == candidate.id) & due).execute())
+                     .where((InboundMessage.id == candidate) & due).execute())
         if taken:
-            return InboundMessage.get_by_id(candidate.id)
+            return InboundMessage.get_by_id(candidate)
     return None
 
 

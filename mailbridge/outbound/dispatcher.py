@@ -29,14 +29,14 @@ BATCH = 20
 
 def dispatch_due(runtime: Runtime, mailer: Mailer, *, limit: int = BATCH,
                  stop: threading.Event | None = None,
-                 out: Callable[[str], None] = print) -> dict[str, int]:
+                 out: Callable[[str], None] = print, node: str = "") -> dict[str, int]:
     """Send the rows that are due; returns how many were sent, retried and failed.
 
     `out` shows a local operator the links written by the Maildir transport. When `stop` is
     set, the rows not yet sent are handed back to the queue.
     """
     counts = {"sent": 0, "retried": 0, "failed": 0}
-    rows = outbox.claim_due(runtime, limit)
+    rows = outbox.claim_due(runtime, limit, node=node)
     for i, row in enumerate(rows):
         if stop is not None and stop.is_set():
             with runtime.db.atomic():
@@ -122,8 +122,9 @@ class Dispatcher:
     every `poll_seconds` (for retries coming due)."""
 
     def __init__(self, runtime: Runtime, mailer: Mailer, *, poll_seconds: float = 2.0,
-                 out: Callable[[str], None] = print) -> None:
+                 out: Callable[[str], None] = print, node: str = "") -> None:
         self.runtime = runtime
+        self.node = node
         self.mailer = mailer
         self.poll_seconds = poll_seconds
         self.out = out
@@ -159,7 +160,8 @@ class Dispatcher:
     def _round(self) -> bool:
         """One dispatch; True if the batch was full, so more may be waiting."""
         try:
-            counts = dispatch_due(self.runtime, self.mailer, stop=self._stop, out=self.out)
+            counts = dispatch_due(self.runtime, self.mailer, stop=self._stop, out=self.out,
+                                  node=self.node)
         except UNAVAILABLE as exc:
             log.warning("outbox: database unavailable (%s); will retry", type(exc).__name__)
             return False

@@ -39,8 +39,8 @@ def notify(runtime: Runtime) -> None:
     runtime.wake_dispatcher.set()
 
 
-def claim_due(runtime: Runtime, limit: int = 20,
-              lease_seconds: float = LEASE_SECONDS) -> list[OutboundMessage]:
+def claim_due(runtime: Runtime, limit: int = 20, lease_seconds: float = LEASE_SECONDS,
+              node: str = "") -> list[OutboundMessage]:
     """Take up to `limit` rows that are due (or whose sender crashed mid-send) and lease them.
 
     Each row is taken with a conditional UPDATE, so two dispatchers (two nodes) never get
@@ -56,7 +56,7 @@ def claim_due(runtime: Runtime, limit: int = 20,
         for row in candidates:
             changed = (OutboundMessage
                        .update(state="sending", attempts=OutboundMessage.attempts + 1,
-                               lease_until=now + dt.timedelta(seconds=lease_seconds))
+                               claimed_by=node, lease_until=now + dt.timedelta(seconds=lease_seconds))
                        .where(OutboundMessage.id == row.id, _claimable(now))
                        .execute())
             if changed:
@@ -96,9 +96,22 @@ def release(runtime: Runtime, rows: Iterable[OutboundMessage]) -> None:
     """Hand claimed but unsent rows back (the dispatcher is stopping); the claim is undone."""
     for row in rows:
         (OutboundMessage
-         .update(state="queued", lease_until=None, attempts=OutboundMessage.attempts - 1)
+         .update(state="queued", lease_until=None, claimed_by="",
+                 attempts=OutboundMessage.attempts - 1)
          .where(OutboundMessage.id == row.id, OutboundMessage.state == "sending")
          .execute())
+
+
+def recover(runtime: Runtime, node: str) -> int:
+    """At start: rows this node was sending when it last stopped are due again now (the
+    interrupted attempt still counts). Other nodes' rows wait for their lease."""
+    with runtime.db.atomic():
+        return (OutboundMessage
+                .update(state="queued", lease_until=None, claimed_by="",
+                        next_attempt_at=runtime.clock())
+                .where((OutboundMessage.state == "sending")
+                       & (OutboundMessage.claimed_by == node))
+                .execute())
 
 
 def _claimable(now: dt.datetime):
