@@ -24,11 +24,21 @@ log = logging.getLogger(__name__)
 
 def dedupe_key(raw: bytes, message: EmailMessage) -> str:
     """Message-ID plus a hash of the body: the same message re-delivered (SMTP retry, IMAP
-    re-poll) matches even when relays added trace headers on the way."""
-    _, _, body = raw.partition(b"\r\n\r\n") if b"\r\n\r\n" in raw else raw.partition(b"\n\n")
-    body = body.replace(b"\r\n", b"\n").rstrip()
-    message_id = str(message.get("Message-ID", "")).strip()
-    return hashlib.sha256(message_id.encode("utf-8", "replace") + b"\0" + body).hexdigest()
+    re-poll) matches even when relays added trace headers on the way. Line ends are
+    normalised; the body is hashed in slices so a large message is not copied."""
+    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := raw.find(sep)) >= 0]
+    start = min(ends, default=len(raw))
+    digest = hashlib.sha256(str(message.get("Message-ID", "")).strip().encode(
+        "utf-8", "replace") + b"\0")
+    view = memoryview(raw)
+    stop = len(raw)
+    while stop > start and raw[stop - 1] in b" \t\r\n":
+        stop -= 1
+    step = 1 << 20
+    for offset in range(start, stop, step):
+        piece = bytes(view[offset:min(offset + step, stop)])
+        digest.update(piece.replace(b"\r", b""))
+    return digest.hexdigest()
 
 
 def deadline_text(deadline: dt.datetime, timezone: str) -> str:

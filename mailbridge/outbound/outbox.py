@@ -56,7 +56,8 @@ def claim_due(runtime: Runtime, limit: int = 20, lease_seconds: float = LEASE_SE
         for row in candidates:
             changed = (OutboundMessage
                        .update(state="sending", attempts=OutboundMessage.attempts + 1,
-                               claimed_by=node, lease_until=now + dt.timedelta(seconds=lease_seconds))
+                               claimed_by=node,
+                               lease_until=now + dt.timedelta(seconds=lease_seconds))
                        .where(OutboundMessage.id == row.id, _claimable(now))
                        .execute())
             if changed:
