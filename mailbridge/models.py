@@ -90,7 +90,7 @@ class Document(BaseModel):
     share = pw.ForeignKeyField(Share, backref="documents", on_delete="CASCADE")
     position = pw.IntegerField()
     filename = pw.CharField(max_length=255)
-    kind = pw.CharField(max_length=16)  # pdf, png, ... (see parse.ALLOWED)
+    kind = pw.CharField(max_length=16)  # pdf, png, ... (config.DEFAULT_ALLOWED_TYPES)
     content_type = pw.CharField(max_length=100)
     size = pw.BigIntegerField()
     sha256 = pw.CharField(max_length=64)
