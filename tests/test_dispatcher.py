@@ -31,7 +31,7 @@ def clock():
 
 
 @pytest.fixture
-def make_runtime(tmp_path, clock):
+def make_runtime(tmp_path, clock, db_url):
     made = []
 
     def make(port: int = 0, **env):
@@ -41,6 +41,7 @@ def make_runtime(tmp_path, clock):
             "MAILBRIDGE_ADDRESSES_REPLY_DOMAIN": "reply.portal.example",
             "MAILBRIDGE_OUTBOUND_FROM": "mailbridge@portal.example",
             "MAILBRIDGE_SERVICE_DATA_DIR": str(tmp_path),
+            "MAILBRIDGE_DATABASE_URL": db_url,
             "MAILBRIDGE_OUTBOUND_TRANSPORT": "smtp",
             "MAILBRIDGE_OUTBOUND_SMTP_PORT": str(port),
             "MAILBRIDGE_OUTBOUND_SMTP_TIMEOUT_SECONDS": "5",

@@ -1,4 +1,4 @@
-"""The outbox queue on a real SQLite file: sealed at rest, claimed once, retried with backoff."""
+"""The outbox queue on SQLite and PostgreSQL: sealed at rest, claimed once, retried."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ def clock():
 
 
 @pytest.fixture
-def runtime(tmp_path, clock):
+def runtime(tmp_path, clock, db_url):
     settings = load_settings(None, env={
         "MAILBRIDGE_SERVICE_BASE_URL": "http://localhost:8080",
         "MAILBRIDGE_ADDRESSES_SHARING": "share@portal.example",
         "MAILBRIDGE_ADDRESSES_REPLY_DOMAIN": "reply.portal.example",
         "MAILBRIDGE_OUTBOUND_FROM": "mailbridge@portal.example",
         "MAILBRIDGE_SERVICE_DATA_DIR": str(tmp_path),
+        "MAILBRIDGE_DATABASE_URL": db_url,
         "MAILBRIDGE_OUTBOUND_MAX_ATTEMPTS": "4",
         "MAILBRIDGE_OUTBOUND_RETRY_BASE_SECONDS": "60",
         "MAILBRIDGE_OUTBOUND_RETRY_MAX_SECONDS": "150",
