@@ -87,6 +87,12 @@ class OutboundSettings:
 class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    session_idle_minutes: float = 15.0
+    session_absolute_hours: float = 12.0
+    # Where Flask-Limiter keeps its counters; memory:// is per process (one waitress process).
+    # Several gunicorn workers or nodes need a shared store, e.g. redis://host:6379.
+    ratelimit_storage_uri: str = "memory://"
+    proxies: int = 0  # reverse proxies in front that set X-Forwarded-For/-Proto
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,6 +336,11 @@ def validate(s: Settings) -> None:
                       ("[outbound.smtp] port", s.outbound.smtp.port)):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: {port} is not a TCP port")
+    if s.web.session_idle_minutes <= 0 or s.web.session_absolute_hours <= 0:
+        raise ConfigError("[web] session_idle_minutes / session_absolute_hours: must be more "
+                          "than 0")
+    if s.web.proxies < 0:
+        raise ConfigError("[web] proxies: must be 0 or more")
     if s.smtp.max_message_bytes < 1024:
         raise ConfigError("[smtp] max_message_bytes: must be at least 1024")
     _address(s.addresses.sharing, "[addresses] sharing")

@@ -121,6 +121,7 @@ class Grant(BaseModel):
     account = pw.ForeignKeyField(Account, null=True, backref="grants", on_delete="SET NULL")
     ended_at = pw.DateTimeField(null=True)  # when it was revoked or expired
     delivery = pw.CharField(max_length=16, default="queued")  # queued | sent | failed
+    archived_at = pw.DateTimeField(null=True)  # the recipient moved it to "Archived"
 
 
 class OutboundMessage(BaseModel):
@@ -162,5 +163,37 @@ class AuditEvent(BaseModel):
     detail = JSONField(default=dict)
 
 
+class WebSession(BaseModel):
+    """A portal session; the browser holds a random id, we store only its hash."""
+
+    id_hash = pw.CharField(max_length=64, primary_key=True)
+    account = pw.ForeignKeyField(Account, null=True, backref="sessions", on_delete="CASCADE")
+    data = JSONField(default=dict)  # CSRF token, a mailbox proven by code before sign-up
+    created_at = pw.DateTimeField()
+    last_seen_at = pw.DateTimeField(index=True)
+    ended_at = pw.DateTimeField(null=True)
+    ip = pw.CharField(max_length=64, default="")
+    user_agent = pw.CharField(max_length=400, default="")
+
+
+class OneTimeCode(BaseModel):
+    """A 6-digit code e-mailed to a grant's address to prove the mailbox."""
+
+    grant = pw.ForeignKeyField(Grant, backref="codes", on_delete="CASCADE")
+    code_hash = pw.CharField(max_length=200)
+    created_at = pw.DateTimeField()
+    expires_at = pw.DateTimeField()
+    attempts = pw.IntegerField(default=0)
+    used_at = pw.DateTimeField(null=True)
+
+
+class PasswordReset(BaseModel):
+    account = pw.ForeignKeyField(Account, backref="resets", on_delete="CASCADE")
+    token_hash = pw.CharField(max_length=64, unique=True)
+    created_at = pw.DateTimeField()
+    expires_at = pw.DateTimeField()
+    used_at = pw.DateTimeField(null=True)
+
+
 ALL_MODELS = [SchemaVersion, Clinic, Member, InboundMessage, Share, Document, Account, Grant,
-              OutboundMessage, AuditEvent]
+              OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset]

@@ -8,13 +8,27 @@ import peewee
 
 from mailbridge import models
 
+V1_MODELS = [models.Clinic, models.Member, models.InboundMessage, models.Share,
+             models.Document, models.Account, models.Grant, models.OutboundMessage,
+             models.AuditEvent]
+
 
 def _v1_initial(db: peewee.Database) -> None:
-    db.create_tables([m for m in models.ALL_MODELS if m is not models.SchemaVersion])
+    db.create_tables(V1_MODELS)
+
+
+def _v2_portal(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    if "archived_at" not in {c.name for c in db.get_columns("grant")}:
+        migrate(migrator.add_column("grant", "archived_at", models.Grant.archived_at))
+    db.create_tables([models.WebSession, models.OneTimeCode, models.PasswordReset])
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial tables", _v1_initial),
+    (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
 ]
 LATEST = MIGRATIONS[-1][0]
 

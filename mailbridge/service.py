@@ -33,7 +33,8 @@ class Service:
         self.scheduler = jobs.build_scheduler(runtime) if scheduler else None
         self.web = None
         if web:
-            self.web = create_server(create_app(runtime), host=runtime.settings.web.host,
+            self.web = create_server(create_app(runtime.settings, runtime=runtime),
+                                     host=runtime.settings.web.host,
                                      port=runtime.settings.web.port, threads=8,
                                      ident="mailbridge")
         self._web_thread: threading.Thread | None = None

@@ -27,7 +27,7 @@ def portal(runtime):
     token = tokens.new_link_token()
     grant = Grant.create(share=share, address="dr@x.example", token_hash=tokens.hash_token(token),
                          deadline=clock() + dt.timedelta(hours=24), created_at=clock())
-    app = create_app(rt)
+    app = create_app(rt.settings, runtime=rt)
     return app.test_client(), token, grant, clock
 
 

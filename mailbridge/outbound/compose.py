@@ -67,6 +67,22 @@ def notice_email(settings: Settings, *, to: str, code: str, details: dict,
                     in_reply_to=in_reply_to)
 
 
+def code_email(settings: Settings, *, to: str, code: str, minutes: int,
+               templates: Path | None = None, now: dt.datetime | None = None) -> EmailMessage:
+    """The one-time code that proves a recipient owns this mailbox. No PHI either."""
+    subject, text = _render_text(settings, templates, "code.txt",
+                                 dict(to=to, code=code, minutes=minutes))
+    return _message(settings, to=to, subject=subject, text=text, now=now)
+
+
+def reset_email(settings: Settings, *, to: str, reset_url: str, minutes: int,
+                templates: Path | None = None, now: dt.datetime | None = None) -> EmailMessage:
+    """A single-use link to choose a new portal password."""
+    subject, text = _render_text(settings, templates, "reset.txt",
+                                 dict(to=to, reset_url=reset_url, minutes=minutes))
+    return _message(settings, to=to, subject=subject, text=text, now=now)
+
+
 # --- rendering -----------------------------------------------------------------------------
 
 

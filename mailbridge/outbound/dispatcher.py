@@ -71,9 +71,12 @@ def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
         outbox.mark_sent(runtime, row)
         if row.kind == "link" and row.grant_id is not None:
             Grant.update(delivery="sent").where(Grant.id == row.grant_id).execute()
-    if row.kind == "link" and isinstance(mailer, MaildirMailer):
+    if row.kind in ("link", "code", "reset") and isinstance(mailer, MaildirMailer):
+        # Local demo only: what a person needs from the e-mail (link or code), printed.
         for url in mailer.find_links(raw):
-            out(f"link e-mail #{row.id} written to {mailer.path}: {url}")
+            out(f"{row.kind} e-mail #{row.id} written to {mailer.path}: {url}")
+        if row.kind == "code":
+            out(f"code e-mail #{row.id} written to {mailer.path}: {mailer.subject(raw)}")
     return "sent"
 
 

@@ -78,7 +78,7 @@ class MaildirMailer:
 
     def __init__(self, path: str | Path, *, base_url: str) -> None:
         self.path = Path(path)
-        self._link = re.compile(re.escape(base_url.rstrip("/")) + r"/s/[A-Za-z0-9_\-]+")
+        self._link = re.compile(re.escape(base_url.rstrip("/")) + r"/(?:s|reset)/[A-Za-z0-9_\-]+")
 
     def send(self, envelope_from: str, to_addr: str, raw: bytes) -> None:
         # What a delivering MTA adds, so a reader of the Maildir sees the envelope.
@@ -88,6 +88,11 @@ class MaildirMailer:
         except OSError as exc:
             raise TransientFailure(f"cannot write to the maildir ({type(exc).__name__})") \
                 from None
+
+    @staticmethod
+    def subject(raw: bytes) -> str:
+        return str(BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+                   .get("Subject", ""))
 
     def find_links(self, raw: bytes) -> list[str]:
         """The portal links in the message's text part, for printing to a local operator."""

@@ -1,38 +1,82 @@
-"""The recipient portal (Flask). `create_app` builds it for waitress or gunicorn."""
+"""The recipient portal (Flask). `create_app` builds it for waitress (inside `mailbridge
+serve`) or for gunicorn (`mailbridge.web.wsgi:app`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Flask
+from flask import Flask, render_template
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from mailbridge.runtime import Runtime
-from mailbridge.web import links
+from mailbridge.config import Settings
+from mailbridge.runtime import Runtime, build_runtime
+from mailbridge.web import accounts, documents, library, links
+from mailbridge.web.sessions import DatabaseSessionInterface
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "portal"
 
+# No inline script anywhere; documents may be framed only by our own viewer page.
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+       "base-uri 'none'; frame-src 'self'; object-src 'self'; frame-ancestors 'none'")
 
-def create_app(runtime: Runtime) -> Flask:
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
+    runtime = runtime or build_runtime(settings)
     app = Flask(__name__, template_folder=str(TEMPLATES))
-    app.config["RUNTIME"] = runtime
-    app.register_blueprint(links.bp)
+    app.config.update(
+        RUNTIME=runtime,
+        SECRET_KEY=runtime.web_key,
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
+        WTF_CSRF_SSL_STRICT=True,
+        MAX_CONTENT_LENGTH=64 * 1024,  # forms only; nothing is uploaded here
+    )
+    if settings.web.proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.web.proxies,
+                                x_proto=settings.web.proxies)
+    app.session_interface = DatabaseSessionInterface(runtime)
+    CSRFProtect(app)
+    limiter = Limiter(get_remote_address, app=app,
+                      storage_uri=settings.web.ratelimit_storage_uri, default_limits=[],
+                      headers_enabled=False)
+    app.extensions["mailbridge_limiter"] = limiter
+    for module in (links, accounts, library, documents):
+        module.register(app, limiter)
 
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
     @app.after_request
-    def headers(response):
-        response.headers["Referrer-Policy"] = "no-referrer"  # tokens are in our URLs
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'none'; style-src 'self'; frame-ancestors 'none'")
-        response.headers.setdefault("Cache-Control", "no-store")
+    def security_headers(response):
+        headers = response.headers
+        headers.setdefault("Content-Security-Policy", CSP)
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers["X-Content-Type-Options"] = "nosniff"
+        headers["Referrer-Policy"] = "no-referrer"  # tokens are in our URLs
+        headers.setdefault("Cache-Control", "no-store")
+        headers["Cross-Origin-Opener-Policy"] = "same-origin"
         return response
 
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc):
+        return render_template("error.html", title="This form has expired",
+                               message="Please go back, reload the page and try again."), 400
+
+    @app.errorhandler(404)
+    def not_found(exc):
+        return render_template("error.html", title="Not found",
+                               message="There is nothing here."), 404
+
+    @app.errorhandler(429)
+    def too_many(exc):
+        return render_template("error.html", title="Too many attempts",
+                               message="Please wait a few minutes and try again."), 429
+
     @app.teardown_appcontext
-    def _close_db(exc):
+    def close_db(exc):
         # waitress threads are long-lived; hand the connection back after each request
         if not runtime.db.is_closed():
             runtime.db.close()

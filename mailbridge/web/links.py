@@ -8,15 +8,9 @@ from flask import Blueprint, current_app, render_template, request
 from mailbridge import audit, tokens
 from mailbridge.actions.share import deadline_text
 from mailbridge.models import Grant
+from mailbridge.web.access import grant_state
 
 bp = Blueprint("links", __name__)
-
-
-def _state(grant: Grant, now) -> str:
-    # Expiry is decided here too, so a stopped scheduler never extends access.
-    if grant.state == "pending" and grant.deadline <= now:
-        return "expired"
-    return grant.state
 
 
 @bp.route("/s/<token>", methods=["GET", "HEAD"])
@@ -28,7 +22,7 @@ def link_page(token: str):
         return render_template("link_unknown.html"), 404
     share = grant.share
     now = runtime.clock()
-    state = _state(grant, now)
+    state = grant_state(grant, now)
     if request.method == "GET":
         with runtime.db.atomic():
             audit.record("link_shown", now, share=share, grant=grant,
@@ -39,3 +33,7 @@ def link_page(token: str):
         "link.html", state=state, clinic=share.clinic.name, sender=share.sender.name,
         documents=share.documents.count(),
         deadline=deadline_text(grant.deadline, share.clinic.timezone))
+
+
+def register(app, limiter) -> None:
+    app.register_blueprint(bp)
