@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Flask, render_template
+from flask import Flask, redirect, render_template, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -14,6 +14,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from mailbridge.config import Settings
 from mailbridge.runtime import Runtime, build_runtime
 from mailbridge.web import accounts, documents, library, links
+from mailbridge.web.access import current_account
 from mailbridge.web.sessions import DatabaseSessionInterface
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "portal"
@@ -44,6 +45,14 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
     app.extensions["mailbridge_limiter"] = limiter
     for module in (links, accounts, library, documents):
         module.register(app, limiter)
+
+    @app.context_processor
+    def signed_in():
+        return {"account": current_account()}
+
+    @app.get("/")
+    def home():
+        return redirect(url_for("library.index" if current_account() else "accounts.signin"))
 
     @app.get("/healthz")
     def healthz():
