@@ -27,3 +27,18 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
     assert db.execute_sql("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     db.close()
+
+
+def test_upgrade_from_version_1_adds_the_portal_tables(tmp_path):
+    from mailbridge import models
+
+    db = open_database(f"sqlite:///{tmp_path / 'v1.db'}")
+    db.create_tables([models.SchemaVersion, *schema.V1_MODELS])
+    db.execute_sql('ALTER TABLE "grant" DROP COLUMN archived_at')  # as version 1 made it
+    models.SchemaVersion.create(version=1, applied_at=system_clock())
+    assert schema.current_version(db) == 1
+    assert not models.WebSession.table_exists()
+    assert schema.upgrade(db, system_clock()) == [f"{n}: {d}" for n, d, _ in schema.MIGRATIONS[1:]]
+    assert "archived_at" in {c.name for c in db.get_columns("grant")}
+    assert models.WebSession.table_exists() and models.OneTimeCode.table_exists()
+    db.close()

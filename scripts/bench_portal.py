@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Portal throughput: the link page (requests/s) and document downloads (MB/s), each beside a
+baseline measured in the same run — a bare WSGI app on the same server (waitress, same
+threads) serving the same bytes from memory — and printed as a ratio.
+
+    .venv/bin/python scripts/bench_portal.py [--requests 2000] [--downloads 100]
+        [--size-mb 1] [--clients 4]
+
+mailbridge's side is the real thing: the Flask app with server-side sessions, the access
+check and an audit row per request, documents decrypted from the encrypted store as they
+stream. Rate limiting is switched off for the run (it would measure refusals, not serving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from waitress.server import create_server  # noqa: E402
+
+from mailbridge import schema, tokens  # noqa: E402
+from mailbridge.clock import system_clock  # noqa: E402
+from mailbridge.config import load_settings  # noqa: E402
+from mailbridge.members import add_member  # noqa: E402
+from mailbridge.models import Account, Document, Grant, Share, WebSession  # noqa: E402
+from mailbridge.runtime import build_runtime  # noqa: E402
+from mailbridge.storage import put_bytes  # noqa: E402
+from mailbridge.web import create_app  # noqa: E402
+
+THREADS = 8
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(app) -> tuple[object, int]:
+    port = free_port()
+    server = create_server(app, host="127.0.0.1", port=port, threads=THREADS)
+    threading.Thread(target=server.run, daemon=True).start()
+    return server, port
+
+
+def load(port: int, path: str, total: int, clients: int, cookie: str = "") -> dict:
+    """`total` GETs of `path` over `clients` keep-alive connections; bytes and latencies."""
+    latencies: list[float] = []
+    received = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+    per_client = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+
+    def run(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Cookie": cookie} if cookie else {}
+        mine, got = [], 0
+        for _ in range(n):
+            start = time.perf_counter()
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+            mine.append(time.perf_counter() - start)
+            got += len(body)
+            if response.status != 200:
+                errors.append(f"{path}: HTTP {response.status}")
+                break
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            received[0] += got
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in per_client]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    if errors:
+        raise SystemExit(f"bench_portal: FAILED: {errors[0]}")
+    latencies.sort()
+    return {"rps": len(latencies) / elapsed, "mbps": received[0] / elapsed / 1e6,
+            "p50": statistics.median(latencies) * 1000,
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=2000, help="link-page GETs")
+    ap.add_argument("--downloads", type=int, default=100, help="document downloads")
+    ap.add_argument("--size-mb", type=float, default=1.0, help="document size")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent connections")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(None, env={
+            "MAILBRIDGE_SERVICE_BASE_URL": "http://127.0.0.1",
+            "MAILBRIDGE_SERVICE_DATA_DIR": tmp,
+            "MAILBRIDGE_ADDRESSES_SHARING": "share@portal.example",
+            "MAILBRIDGE_ADDRESSES_REPLY_DOMAIN": "reply.portal.example",
+            "MAILBRIDGE_OUTBOUND_FROM": "mailbridge@portal.example",
+        })
+        runtime = build_runtime(settings, master_key=os.urandom(32))
+        schema.upgrade(runtime.db, system_clock())
+        now = system_clock()
+        member = add_member("jane.doe@clinic.example", "Jane Doe", "Riverside PT", now)
+        document_bytes = b"%PDF-1.4\n" + os.urandom(int(args.size_mb * 1024 * 1024))
+        share = Share.create(clinic=member.clinic, sender=member, title="t", created_at=now,
+                             dedupe_key="bench", reply_key_hash="bench")
+        blob = put_bytes(runtime.documents, document_bytes)
+        document = Document.create(share=share, position=0, filename="plan.pdf", kind="pdf",
+                                   content_type="application/pdf", size=blob.size,
+                                   sha256=blob.sha256, blob_id=blob.blob_id,
+                                   blob_key=blob.wrapped_key)
+        account = Account.create(email="dr@ortho.example", password_hash="unused",  # noqa: S106
+                                 created_at=now,
+                                 verified_at=now)
+        link_token = tokens.new_link_token()
+        Grant.create(share=share, address="dr@ortho.example", state="claimed", account=account,
+                     token_hash=tokens.hash_token(link_token), claimed_at=now,
+                     deadline=now, created_at=now)
+        sid = secrets.token_urlsafe(32)
+        WebSession.create(id_hash=tokens.hash_token(sid), account=account, created_at=now,
+                          last_seen_at=now)
+        runtime.db.close()
+
+        app = create_app(settings, runtime=runtime)
+        app.extensions["mailbridge_limiter"].enabled = False
+        server, port = serve(app)
+
+        # The baseline serves the very bytes mailbridge sends, from memory.
+        probe = http.client.HTTPConnection("127.0.0.1", port)
+        probe.request("GET", f"/s/{link_token}")
+        page = probe.getresponse().read()
+        probe.close()
+
+        def bare(environ, start_response):
+            body = page if environ["PATH_INFO"].startswith("/s/") else document_bytes
+            start_response("200 OK", [("Content-Type", "text/html"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+
+        bare_server, bare_port = serve(bare)
+        cookie = f"mb_session={sid}"
+        rows = {
+            "link page, mailbridge": load(port, f"/s/{link_token}", args.requests,
+                                          args.clients),
+            "link page, bare WSGI": load(bare_port, "/s/x", args.requests, args.clients),
+            "download, mailbridge": load(port, f"/documents/{document.id}/download",
+                                         args.downloads, args.clients, cookie),
+            "download, bare WSGI": load(bare_port, "/d", args.downloads, args.clients),
+        }
+        server.close()
+        bare_server.close()
+        runtime.db.close()
+
+    print(f"portal benchmark: {args.requests} link-page GETs, {args.downloads} downloads of "
+          f"{args.size_mb:g} MB, {args.clients} connections, waitress {THREADS} threads")
+    print(f"machine: {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
+          f"{platform.system()} {platform.machine()}")
+    print()
+    print(f"{'':28}{'req/s':>9}{'MB/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+    for name, r in rows.items():
+        print(f"{name:28}{r['rps']:9.1f}{r['mbps']:9.1f}{r['p50']:9.1f}{r['p99']:9.1f}")
+    print()
+    link = rows["link page, mailbridge"]["rps"] / rows["link page, bare WSGI"]["rps"]
+    down = rows["download, mailbridge"]["mbps"] / rows["download, bare WSGI"]["mbps"]
+    print(f"mailbridge/bare ratio: link page {link:.3f} (req/s), download {down:.3f} (MB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

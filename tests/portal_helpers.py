@@ -1,0 +1,74 @@
+"""Builders for portal tests: a share with real encrypted documents and known link tokens,
+accounts, and a Flask test client with the CSRF token at hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+
+from mailbridge import tokens
+from mailbridge.clock import ManualClock
+from mailbridge.models import Account, Document, Grant, Share
+from mailbridge.passwords import hash_password
+from mailbridge.storage import put_bytes
+from mailbridge.web import create_app
+from tests.helpers import add_jane, pdf_bytes
+
+PASSWORD = "correct horse battery"
+START = dt.datetime(2026, 11, 28, 12, 0)
+
+
+def portal_runtime(runtime, start: dt.datetime = START):
+    """The test runtime with a clock the test moves."""
+    return dataclasses.replace(runtime, clock=ManualClock(start))
+
+
+def make_app(runtime):
+    app = create_app(runtime.settings, runtime=runtime)
+    app.config["TESTING"] = True
+    return app
+
+
+def make_share(runtime, recipients=("dr.smith@ortho.example",), documents=None,
+               title="POC for R.T.", note_html="<p>Please review.</p>", hours: float = 24):
+    """Returns (share, {address: token}). Documents are stored encrypted like real ones."""
+    member = add_jane() if not Share.select().exists() else Share.select().first().sender
+    now = runtime.clock()
+    documents = documents if documents is not None else [
+        ("plan-of-care.pdf", "pdf", "application/pdf", pdf_bytes("plan", size=3000))]
+    share = Share.create(clinic=member.clinic, sender=member, title=title, note_html=note_html,
+                         created_at=now, dedupe_key=tokens.new_link_token(),
+                         reply_key_hash=tokens.new_link_token())
+    for position, (name, kind, content_type, data) in enumerate(documents):
+        blob = put_bytes(runtime.documents, data)
+        Document.create(share=share, position=position, filename=name, kind=kind,
+                        content_type=content_type, size=blob.size, sha256=blob.sha256,
+                        blob_id=blob.blob_id, blob_key=blob.wrapped_key)
+    links = {}
+    for address in recipients:
+        token = tokens.new_link_token()
+        Grant.create(share=share, address=address, token_hash=tokens.hash_token(token),
+                     deadline=now + dt.timedelta(hours=hours), created_at=now)
+        links[address] = token
+    return share, links
+
+
+def make_account(runtime, address: str, password: str = PASSWORD) -> Account:
+    now = runtime.clock()
+    return Account.create(email=address, password_hash=hash_password(password), created_at=now,
+                          verified_at=now)
+
+
+def csrf(client, path: str) -> str:
+    """The CSRF token from the form on `path` (as a browser would have it)."""
+    page = client.get(path).get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, f"no form with a CSRF token on {path}"
+    return match.group(1)
+
+
+def sign_in(client, address: str, password: str = PASSWORD):
+    token = csrf(client, "/signin")
+    return client.post("/signin", data={"csrf_token": token, "email": address,
+                                        "password": password})
