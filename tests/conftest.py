@@ -191,3 +191,41 @@ def service(tmp_path, db_url, sink, keyring):
     running = start_service(tmp_path, db_url, sink, keyring)
     yield running
     running.service.stop(timeout=10)
+
+
+# --- a real browser --------------------------------------------------------------------------
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright. scripts/test sets MAILBRIDGE_TEST_REQUIRE_BROWSER
+    after installing it, so there a missing browser fails instead of skipping."""
+    import shutil
+
+    required = os.environ.get("MAILBRIDGE_TEST_REQUIRE_BROWSER") == "1"
+    executable = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if executable is None or sync_playwright is None:
+        message = "Chromium or playwright is not installed"
+        if required:
+            pytest.fail(message)
+        pytest.skip(message)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    shots = sorted(ARTIFACTS.glob("*.png")) if ARTIFACTS.exists() else []
+    if shots:
+        terminalreporter.write_line(
+            f"screenshots of what recipients see: {len(shots)} in {ARTIFACTS}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import threading
 
 import pytest
@@ -14,7 +13,7 @@ from werkzeug.serving import make_server
 
 from mailbridge import tokens
 from mailbridge.models import AuditEvent, Document, Grant, WebSession
-from tests.helpers import pdf_bytes
+from tests.helpers import one_page_pdf, pdf_bytes
 from tests.portal_helpers import make_account, make_app, make_share, portal_runtime
 
 SMITH = "dr.smith@ortho.example"
@@ -230,45 +229,6 @@ def test_signed_out_visitors_are_sent_to_sign_in(portal, suffix):
 
 
 # --- a real browser ---------------------------------------------------------------------------
-
-
-def one_page_pdf(text: str) -> bytes:
-    """A minimal PDF a real viewer renders (one page of Helvetica text)."""
-    stream = f"BT /F1 36 Tf 72 700 Td ({text}) Tj ET".encode()
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               b"/Resources << /Font << /F1 5 0 R >> >> >>",
-               b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = b"%PDF-1.4\n", []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    return out + b"trailer << /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-
-
-@pytest.fixture
-def browser():
-    required = os.environ.get("MAILBRIDGE_TEST_REQUIRE_BROWSER") == "1"
-    executable = shutil.which("chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if executable is None or sync_playwright is None:
-        message = "Chromium or playwright is not installed"
-        if required:
-            pytest.fail(message)
-        pytest.skip(message)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable)
-        yield chromium
-        chromium.close()
 
 
 def test_chromium_shows_the_pdf_inside_the_viewer_page(runtime, browser):

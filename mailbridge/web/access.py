@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from urllib.parse import quote
 
 from flask import current_app, redirect, request, session, url_for
 
@@ -44,7 +43,7 @@ def require_account(view):
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         if current_account() is None:
-            return redirect(url_for("accounts.signin", next=quote(request.full_path.rstrip("?"))))
+            return redirect(url_for("accounts.signin", next=request.full_path.rstrip("?")))
         return view(*args, **kwargs)
 
     return wrapper

@@ -63,10 +63,11 @@ class DatabaseSessionInterface(SessionInterface):
 
     def save_session(self, app: Flask, session: ServerSession, response: Response) -> None:
         now = self.runtime.clock()
-        if session.ended:
+        if session.ended and not session:
             response.delete_cookie(COOKIE, path="/", secure=self.secure, httponly=True,
                                    samesite="Lax")
             return
+        # Stored after signing out (a "signed out" flash): a new anonymous session, new id.
         if session.row is None and not session.modified and session.new_id is None:
             return  # nothing stored: no row, no cookie
         if session.row is None or session.new_id is not None:

@@ -1,0 +1,279 @@
+"""Portal-wide protections: CSRF on every POST, session cookies and their timeouts, no session
+fixation, security headers, and pages with no script and nothing from other hosts."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from pathlib import Path
+
+import pytest
+from flask import url_for
+
+from mailbridge import tokens
+from mailbridge.models import Account, AuditEvent, Grant, OutboundMessage, PasswordReset, WebSession
+from mailbridge.web import auth, sessions
+from tests.portal_helpers import (
+    PASSWORD,
+    csrf,
+    make_account,
+    make_app,
+    make_share,
+    portal_runtime,
+    sign_in,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+OWNER = "dr.smith@ortho.example"
+NEWCOMER = "new.person@elsewhere.example"
+
+
+@pytest.fixture
+def portal(runtime):
+    rt = portal_runtime(runtime)
+    make_account(rt, OWNER)
+    return rt, make_app(rt)
+
+
+def is_signed_in(client) -> bool:
+    return client.get("/account/password").status_code == 200
+
+
+def with_settings(rt, **sections):
+    """The runtime with some settings sections changed, e.g. web={"session_idle_minutes": 5}."""
+    settings = rt.settings
+    for name, values in sections.items():
+        settings = dataclasses.replace(settings, **{
+            name: dataclasses.replace(getattr(settings, name), **values)})
+    return dataclasses.replace(rt, settings=settings)
+
+
+def set_cookie_header(response, name: str) -> str:
+    return next(h for h in response.headers.getlist("Set-Cookie") if h.startswith(f"{name}="))
+
+
+# --- CSRF ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def world(portal):
+    """A signed-in owner with a claimed share, a newcomer's pending link and a reset link."""
+    rt, app = portal
+    account = Account.get()
+    share, links = make_share(rt, recipients=(OWNER, NEWCOMER))
+    Grant.update(state="claimed", account=account, claimed_at=rt.clock()).where(
+        Grant.address == OWNER).execute()
+    reset_token = tokens.new_link_token()
+    PasswordReset.create(account=account, token_hash=tokens.hash_token(reset_token),
+                         created_at=rt.clock(), expires_at=rt.clock() + dt.timedelta(minutes=30))
+    client = app.test_client()
+    sign_in(client, OWNER)
+    csrf(client, "/account/password")  # the session holds its own token from now on
+    posts = {
+        "accounts.signin": ("/signin", {"email": OWNER, "password": PASSWORD}),
+        "accounts.signout": ("/signout", {}),
+        "accounts.forgot": ("/forgot", {"email": OWNER}),
+        "accounts.reset": (f"/reset/{reset_token}", {"new_password": "maple lantern orbit"}),
+        "accounts.change_password": ("/account/password", {"password": PASSWORD,
+                                                           "new_password": "maple lantern orbit"}),
+        "links.claim": (f"/s/{links[NEWCOMER]}/claim", {}),
+        "library.archive": (f"/library/shares/{share.id}/archive", {}),
+    }
+    return app, client, {k: v for k, v in posts.items() if k in app.view_functions}
+
+
+def state() -> tuple:
+    """Everything a forged POST could change."""
+    return (AuditEvent.select().count(), [a.password_hash for a in Account.select()],
+            [r.used_at for r in PasswordReset.select()],
+            [(g.state, g.account_id, g.archived_at) for g in Grant.select().order_by(Grant.id)],
+            OutboundMessage.select().count(),
+            WebSession.select().where(WebSession.ended_at.is_null()
+                                      & WebSession.account.is_null(False)).count())
+
+
+def test_post_without_the_right_csrf_token_is_refused_and_changes_nothing(world):
+    app, client, posts = world
+    stranger = app.test_client()
+    foreign_token = csrf(stranger, "/signin")  # valid, but for another browser's session
+    before = state()
+    for endpoint, (path, data) in posts.items():
+        for token in (None, "", "not-a-token", foreign_token):
+            form = dict(data) if token is None else {**data, "csrf_token": token}
+            response = client.post(path, data=form)
+            assert response.status_code == 400, (endpoint, token)
+            assert "This form has expired" in response.get_data(as_text=True)
+    assert state() == before
+    assert is_signed_in(client)
+
+
+def test_every_post_route_wants_a_csrf_token(world):
+    app, client, _ = world
+    rules = [r for r in app.url_map.iter_rules() if "POST" in r.methods]
+    assert {"accounts.signin", "accounts.signout", "accounts.forgot", "accounts.reset",
+            "accounts.change_password"} <= {r.endpoint for r in rules}
+    with app.test_request_context():
+        paths = {r.endpoint: url_for(r.endpoint, **dict.fromkeys(r.arguments, 1)) for r in rules}
+    for endpoint, path in paths.items():
+        assert client.post(path, data={"csrf_token": "forged"}).status_code == 400, endpoint
+
+
+# --- session cookies -------------------------------------------------------------------------
+
+
+def test_cookies_are_httponly_and_samesite(portal):
+    _, app = portal
+    response = sign_in(app.test_client(), OWNER)
+    session_cookie = set_cookie_header(response, sessions.COOKIE)
+    for attribute in ("HttpOnly", "SameSite=Lax", "Path=/"):
+        assert attribute in session_cookie
+    assert "Secure" not in session_cookie and "Expires" not in session_cookie
+    device = set_cookie_header(response, auth.DEVICE_COOKIE)
+    assert "HttpOnly" in device and "SameSite=Lax" in device
+    assert f"Max-Age={180 * 24 * 3600}" in device
+
+
+def test_cookies_are_secure_behind_https(portal):
+    rt, _ = portal
+    app = make_app(with_settings(rt, service={"base_url": "https://portal.example"}))
+    client = app.test_client()
+    base = "https://portal.example"
+    page = client.get("/signin", base_url=base)
+    assert "Secure" in set_cookie_header(page, sessions.COOKIE)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True))[1]
+    response = client.post("/signin", base_url=base, headers={"Referer": f"{base}/signin"},
+                           data={"csrf_token": token, "email": OWNER, "password": PASSWORD})
+    assert response.status_code == 302
+    assert "Secure" in set_cookie_header(response, sessions.COOKIE)
+    assert "Secure" in set_cookie_header(response, auth.DEVICE_COOKIE)
+
+
+def test_signing_in_replaces_the_session_id(portal):
+    _, app = portal
+    client = app.test_client()
+    csrf(client, "/signin")
+    before = client.get_cookie(sessions.COOKIE).value
+    sign_in(client, OWNER)
+    after = client.get_cookie(sessions.COOKIE).value
+    assert after != before and is_signed_in(client)
+
+    planted = app.test_client()  # a browser that knows the id from before sign-in
+    planted.set_cookie(sessions.COOKIE, before)
+    assert not is_signed_in(planted)
+    assert WebSession.get(WebSession.id_hash == tokens.hash_token(before)).ended_at is not None
+
+
+def test_signing_out_ends_the_session_on_the_server(portal):
+    _, app = portal
+    client = app.test_client()
+    sign_in(client, OWNER)
+    stolen = client.get_cookie(sessions.COOKIE).value
+    client.post("/signout", data={"csrf_token": csrf(client, "/account/password")})
+
+    replay = app.test_client()
+    replay.set_cookie(sessions.COOKIE, stolen)
+    assert not is_signed_in(replay)
+    assert WebSession.get(WebSession.id_hash == tokens.hash_token(stolen)).ended_at is not None
+
+
+def test_idle_timeout(portal):
+    rt, app = portal
+    client, idle = app.test_client(), app.test_client()
+    sign_in(client, OWNER)
+    sign_in(idle, OWNER)
+    rt.clock.advance(minutes=14)
+    assert is_signed_in(client)
+    rt.clock.advance(minutes=16)
+    assert not is_signed_in(client)
+    assert not is_signed_in(idle)
+
+
+def test_idle_timeout_follows_the_setting(portal):
+    rt, _ = portal
+    short = with_settings(rt, web={"session_idle_minutes": 5})
+    client = make_app(short).test_client()
+    sign_in(client, OWNER)
+    rt.clock.advance(minutes=4)
+    assert is_signed_in(client)
+    rt.clock.advance(minutes=6)
+    assert not is_signed_in(client)
+
+
+def test_absolute_timeout_even_when_active(portal):
+    rt, app = portal
+    client = app.test_client()
+    sign_in(client, OWNER)
+    start = rt.clock()
+    while rt.clock() - start < dt.timedelta(hours=12):
+        rt.clock.advance(minutes=10)
+        assert is_signed_in(client), rt.clock() - start
+    rt.clock.advance(minutes=10)
+    assert not is_signed_in(client)
+
+
+# --- headers and page content ----------------------------------------------------------------
+
+
+def pages(rt, app) -> dict:
+    """Every page we can reach, anonymous and signed in: {path: response}."""
+    share, links = make_share(rt, recipients=(OWNER,))
+    reset_token = tokens.new_link_token()
+    PasswordReset.create(account=Account.get(), token_hash=tokens.hash_token(reset_token),
+                         created_at=rt.clock(), expires_at=rt.clock() + dt.timedelta(minutes=30))
+    anonymous, member = app.test_client(), app.test_client()
+    found = {path: anonymous.get(path) for path in (
+        "/signin", "/forgot", f"/reset/{reset_token}", "/reset/unknown", "/nothing-here",
+        f"/s/{links[OWNER]}", f"/s/{links[OWNER]}/next")}
+    found["POST /signin"] = anonymous.post("/signin", data={
+        "csrf_token": csrf(anonymous, "/signin"), "email": OWNER, "password": "wrong guess"})
+    found["POST /forgot"] = anonymous.post("/forgot", data={
+        "csrf_token": csrf(anonymous, "/forgot"), "email": OWNER})
+    found["forged POST"] = anonymous.post("/forgot", data={"email": OWNER})
+    sign_in(member, OWNER)
+    Grant.update(state="claimed", account=Account.get()).execute()
+    document = share.documents.get()
+    for path in ("/account/password", "/library", "/library/archived",
+                 f"/documents/{document.id}"):
+        found[path] = member.get(path)
+    return found
+
+
+def csp(header: str) -> dict[str, list[str]]:
+    policy = {}
+    for directive in filter(str.strip, header.split(";")):
+        name, *values = directive.split()
+        policy[name] = values
+    return policy
+
+
+def test_security_headers_on_every_page(portal):
+    rt, app = portal
+    for path, response in pages(rt, app).items():
+        headers = response.headers
+        policy = csp(headers["Content-Security-Policy"])
+        scripts = policy.get("script-src", policy["default-src"])
+        assert "'unsafe-inline'" not in scripts, path
+        assert policy["frame-ancestors"] == ["'none'"], path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+        assert headers["Cache-Control"] == "no-store", path
+        assert headers["X-Frame-Options"] == "DENY", path
+
+
+def test_no_script_in_any_page(portal):
+    rt, app = portal
+    for path, response in pages(rt, app).items():
+        if response.mimetype == "text/html":
+            assert "<script" not in response.get_data(as_text=True).lower(), path
+
+
+def test_templates_load_nothing_from_other_hosts():
+    files = [*(ROOT / "templates" / "portal").rglob("*.html"),
+             *(ROOT / "mailbridge" / "web" / "static").rglob("*.css")]
+    assert files
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"https?://", text, re.I), path.name
+        assert not re.search(r"""(?:href|src|action)\s*=\s*["']?//""", text, re.I), path.name
+        assert not re.search(r"url\(\s*['\"]?//", text, re.I), path.name
