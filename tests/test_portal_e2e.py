@@ -81,15 +81,19 @@ def test_first_time_recipient_claims_views_downloads_and_archives(live, browser,
     shot(page, "02-code-page")
     page.get_by_role("button", name="Confirm").click()
 
-    page.fill("input[name=password]", "short")
+    page.fill("input[name=password]", "password1234")  # long enough, but common
     page.get_by_role("button", name="Create account and claim").click()
-    assert "at least 12" in page.content()
+    assert "too common" in page.content()
     page.fill("input[name=password]", PASSWORD)
     page.get_by_role("button", name="Create account and claim").click()
     page.wait_for_url("**/library")
     assert "POC Rose Taylor" in page.content() and "Please review before Monday." in page.content()
     assert Grant.get(Grant.address == DOCTOR).state == "claimed"
     shot(page, "03-library")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    shot(page, "03-library-phone")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.set_viewport_size({"width": 1100, "height": 900})
 
     page.get_by_role("link", name="View Plan of care.pdf").click()
     page.wait_for_load_state("load")

@@ -277,3 +277,24 @@ def test_templates_load_nothing_from_other_hosts():
         assert not re.search(r"https?://", text, re.I), path.name
         assert not re.search(r"""(?:href|src|action)\s*=\s*["']?//""", text, re.I), path.name
         assert not re.search(r"url\(\s*['\"]?//", text, re.I), path.name
+
+
+def test_wsgi_entry_point_builds_the_portal_from_the_config_file(tmp_path, monkeypatch):
+    """What gunicorn imports when the portal is scaled out."""
+    import base64
+    import importlib
+    import os
+    import sys
+
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[service]\nbase_url = "https://portal.example"\ndata_dir = "data"\n'
+        '[addresses]\nsharing = "share@portal.example"\nreply_domain = "reply.portal.example"\n'
+        '[outbound]\nfrom = "mailbridge@portal.example"\n')
+    monkeypatch.setenv("MAILBRIDGE_CONFIG", str(config))
+    monkeypatch.setenv("MAILBRIDGE_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    sys.modules.pop("mailbridge.web.wsgi", None)
+    wsgi = importlib.import_module("mailbridge.web.wsgi")
+    response = wsgi.app.test_client().get("/healthz")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+    sys.modules.pop("mailbridge.web.wsgi", None)
