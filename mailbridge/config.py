@@ -98,6 +98,24 @@ class WebSettings:
 @dataclass(frozen=True, kw_only=True)
 class ShareSettings:
     claim_hours: float = 24.0
+    remind_before_hours: float = 4.0  # 0, or not less than claim_hours: no reminder
+    max_extend_hours: float = 168.0  # cap for `extend [hours]`
+    allow_clinic_admins: bool = False  # admins of the sender's clinic may manage by reply too
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotificationSettings:
+    first_view: bool = True  # sender: a recipient opened the share for the first time
+    expiry_summary: bool = True  # sender: which recipients let their link lapse
+    delivery_failure: bool = True  # sender: a link e-mail could not be delivered
+    recipient_revoked: bool = True  # recipient: access was withdrawn (no PHI)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionSettings:
+    spool_days: float = 30.0  # raw inbound messages (documents stay in shares)
+    session_days: float = 30.0  # ended portal sessions
+    code_days: float = 1.0  # spent one-time codes and reset links
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +152,8 @@ class Settings:
     outbound: OutboundSettings
     web: WebSettings
     shares: ShareSettings
+    notifications: NotificationSettings
+    retention: RetentionSettings
     senders: SenderSettings
     limits: LimitSettings
     worker: WorkerSettings
@@ -357,6 +377,13 @@ def validate(s: Settings) -> None:
         raise ConfigError("[outbound] max_attempts: must be at least 1")
     if not 0 < s.shares.claim_hours <= 24 * 30:
         raise ConfigError("[shares] claim_hours: must be more than 0 and at most 720")
+    if s.shares.remind_before_hours < 0:
+        raise ConfigError("[shares] remind_before_hours: must be 0 (off) or more")
+    if s.shares.max_extend_hours <= 0:
+        raise ConfigError("[shares] max_extend_hours: must be more than 0")
+    for key in ("spool_days", "session_days", "code_days"):
+        if getattr(s.retention, key) <= 0:
+            raise ConfigError(f"[retention] {key}: must be more than 0")
     lim = s.limits
     for name in ("max_recipients", "max_parts", "max_depth", "max_file_bytes",
                  "max_total_bytes"):

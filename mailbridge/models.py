@@ -122,6 +122,9 @@ class Grant(BaseModel):
     ended_at = pw.DateTimeField(null=True)  # when it was revoked or expired
     delivery = pw.CharField(max_length=16, default="queued")  # queued | sent | failed
     archived_at = pw.DateTimeField(null=True)  # the recipient moved it to "Archived"
+    reminded_at = pw.DateTimeField(null=True)  # the one reminder before the deadline
+    expiry_reported_at = pw.DateTimeField(null=True)  # told the sender it lapsed
+    first_view_reported_at = pw.DateTimeField(null=True)  # told the sender it was opened
 
 
 class OutboundMessage(BaseModel):

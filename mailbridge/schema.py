@@ -26,9 +26,20 @@ def _v2_portal(db: peewee.Database) -> None:
     db.create_tables([models.WebSession, models.OneTimeCode, models.PasswordReset])
 
 
+def _v3_lifecycle(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    present = {c.name for c in db.get_columns("grant")}
+    for name in ("reminded_at", "expiry_reported_at", "first_view_reported_at"):
+        if name not in present:
+            migrate(migrator.add_column("grant", name, getattr(models.Grant, name)))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
+    (3, "reminders and sender notifications on grants", _v3_lifecycle),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -34,11 +34,12 @@ def test_upgrade_from_version_1_adds_the_portal_tables(tmp_path):
 
     db = open_database(f"sqlite:///{tmp_path / 'v1.db'}")
     db.create_tables([models.SchemaVersion, *schema.V1_MODELS])
-    db.execute_sql('ALTER TABLE "grant" DROP COLUMN archived_at')  # as version 1 made it
+    for column in ("archived_at", "reminded_at", "expiry_reported_at", "first_view_reported_at"):
+        db.execute_sql(f'ALTER TABLE "grant" DROP COLUMN {column}')  # as version 1 made it
     models.SchemaVersion.create(version=1, applied_at=system_clock())
     assert schema.current_version(db) == 1
     assert not models.WebSession.table_exists()
     assert schema.upgrade(db, system_clock()) == [f"{n}: {d}" for n, d, _ in schema.MIGRATIONS[1:]]
-    assert "archived_at" in {c.name for c in db.get_columns("grant")}
+    assert {"archived_at", "reminded_at"} <= {c.name for c in db.get_columns("grant")}
     assert models.WebSession.table_exists() and models.OneTimeCode.table_exists()
     db.close()
