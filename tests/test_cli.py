@@ -18,6 +18,7 @@ from mailbridge import spool
 from mailbridge.cli import cli
 from mailbridge.config import ConfigError, load_settings
 from mailbridge.runtime import build_runtime
+from mailbridge.schema import LATEST
 from tests.conftest import ROOT, start_service
 from tests.helpers import MEMBER, pdf_bytes, share_message
 
@@ -85,7 +86,7 @@ def test_init_creates_data_dir_private_key_and_schema(cfg, tmp_path):
     assert len(base64.b64decode(key.read_text().strip())) == 32
     assert "created master key" in out and "back it up" in out
     assert "1: initial tables" in out
-    assert "schema version 1 (latest 1)" in ok(cfg, "db", "version")
+    assert f"schema version {LATEST} (latest {LATEST})" in ok(cfg, "db", "version")
 
 
 def test_second_init_keeps_the_key(ready, tmp_path):
@@ -100,14 +101,14 @@ def test_db_upgrade_is_idempotent(cfg):
     ok(cfg, "init")
     assert "schema already current" in ok(cfg, "db", "upgrade")
     assert "schema already current" in ok(cfg, "db", "upgrade")
-    assert "schema version 1" in ok(cfg, "db", "version")
+    assert f"schema version {LATEST} " in ok(cfg, "db", "version")
 
 
 def test_db_upgrade_creates_the_schema_when_the_key_comes_from_the_environment(cfg):
     env = {"MAILBRIDGE_MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
     assert "schema version 0" in mb(cfg, "db", "version", env=env).stdout
     assert "applied: 1: initial tables" in mb(cfg, "db", "upgrade", env=env).stdout
-    assert "schema version 1" in mb(cfg, "db", "version", env=env).stdout
+    assert f"schema version {LATEST} " in mb(cfg, "db", "version", env=env).stdout
 
 
 def test_command_before_init_says_to_run_init(cfg):
