@@ -298,3 +298,31 @@ def test_wsgi_entry_point_builds_the_portal_from_the_config_file(tmp_path, monke
     response = wsgi.app.test_client().get("/healthz")
     assert response.status_code == 200 and response.get_json() == {"status": "ok"}
     sys.modules.pop("mailbridge.web.wsgi", None)
+
+
+def test_every_visible_form_field_has_a_label(runtime):
+    """Screen readers announce each field: every input that is not hidden has a <label for>."""
+    import re
+
+    from tests.portal_helpers import make_app, make_share, portal_runtime
+
+    rt = portal_runtime(runtime)
+    _, links = make_share(rt)
+    client = make_app(rt).test_client()
+    token = next(iter(links.values()))
+    pages = ["/signin", "/forgot", f"/s/{token}/next"]
+    csrf_page = client.get(f"/s/{token}/next").get_data(as_text=True)
+    csrf_token = re.search(r'name="csrf_token" value="([^"]+)"', csrf_page).group(1)
+    client.post(f"/s/{token}/code", data={"csrf_token": csrf_token})
+    pages.append(f"/s/{token}/next")  # now the code-entry form
+    checked = 0
+    for path in pages:
+        html = client.get(path).get_data(as_text=True)
+        labels = set(re.findall(r'<label[^>]*\bfor="([^"]+)"', html))
+        for tag in re.findall(r"<input\b[^>]*>", html):
+            if 'type="hidden"' in tag:
+                continue
+            field_id = re.search(r'\bid="([^"]+)"', tag)
+            assert field_id and field_id.group(1) in labels, f"{path}: unlabeled {tag}"
+            checked += 1
+    assert checked >= 3
