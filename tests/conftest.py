@@ -105,6 +105,16 @@ def runtime(settings):
     rt.db.close()
 
 
+@pytest.fixture
+def owner_portal(runtime):
+    """(runtime with a ManualClock, portal app) where OWNER already has an account."""
+    from tests.portal_helpers import OWNER, make_account, make_app, portal_runtime
+
+    rt = portal_runtime(runtime)
+    make_account(rt, OWNER)
+    return rt, make_app(rt)
+
+
 # --- the running service ---------------------------------------------------------------------
 
 

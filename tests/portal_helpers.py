@@ -6,16 +6,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
+import secrets
 
 from mailbridge import tokens
 from mailbridge.clock import ManualClock
-from mailbridge.models import Account, Document, Grant, Share
+from mailbridge.models import Account, Document, Grant, Share, WebSession
 from mailbridge.passwords import hash_password
 from mailbridge.storage import put_bytes
 from mailbridge.web import create_app
 from tests.helpers import add_jane, pdf_bytes
 
 PASSWORD = "correct horse battery"
+OWNER = "dr.smith@ortho.example"
 START = dt.datetime(2026, 11, 28, 12, 0)
 
 
@@ -72,3 +74,20 @@ def sign_in(client, address: str, password: str = PASSWORD):
     token = csrf(client, "/signin")
     return client.post("/signin", data={"csrf_token": token, "email": address,
                                         "password": password})
+
+
+def signed_in_client(app, runtime, account):
+    """A browser with an open session for `account` (as after signing in)."""
+    sid = secrets.token_urlsafe(32)
+    now = runtime.clock()
+    WebSession.create(id_hash=tokens.hash_token(sid), account=account, data={},
+                      created_at=now, last_seen_at=now)
+    client = app.test_client()
+    client.set_cookie("mb_session", sid)
+    return client
+
+
+def claim(runtime, share, address, account):
+    (Grant.update(state="claimed", account=account, claimed_at=runtime.clock())
+     .where((Grant.share == share) & (Grant.address == address)).execute())
+    return Grant.get((Grant.share == share) & (Grant.address == address))

@@ -8,24 +8,19 @@ import email.policy
 import re
 from urllib.parse import urlsplit
 
-import pytest
-
 from mailbridge import tokens
 from mailbridge.models import Account, AuditEvent, OutboundMessage, PasswordReset, WebSession
 from mailbridge.outbound import outbox
 from mailbridge.passwords import verify_password
 from mailbridge.web import auth
-from tests.portal_helpers import PASSWORD, csrf, make_account, make_app, portal_runtime, sign_in
+from tests.portal_helpers import (
+    OWNER,
+    PASSWORD,
+    csrf,
+    sign_in,
+)
 
-OWNER = "dr.smith@ortho.example"
 NEW_PASSWORD = "maple lantern orbit seven"
-
-
-@pytest.fixture
-def portal(runtime):
-    rt = portal_runtime(runtime)
-    make_account(rt, OWNER)
-    return rt, make_app(rt)
 
 
 def is_signed_in(client) -> bool:
@@ -50,8 +45,8 @@ def kinds(kind: str) -> int:
 # --- sign in and out -------------------------------------------------------------------------
 
 
-def test_sign_in_then_out(portal):
-    _, app = portal
+def test_sign_in_then_out(owner_portal):
+    _, app = owner_portal
     client = app.test_client()
     form = client.get("/signin").get_data(as_text=True)
     assert 'name="email"' in form and 'autocomplete="current-password"' in form
@@ -71,8 +66,8 @@ def test_sign_in_then_out(portal):
     assert kinds("signed_out") == 1
 
 
-def test_failure_is_identical_for_unknown_address_and_wrong_password(portal):
-    _, app = portal
+def test_failure_is_identical_for_unknown_address_and_wrong_password(owner_portal):
+    _, app = owner_portal
     wrong, unknown = app.test_client(), app.test_client()
     a = attempt(wrong, csrf(wrong, "/signin"), OWNER, "not the password at all", "10.0.0.1")
     b = attempt(unknown, csrf(unknown, "/signin"), "nobody@else.example", PASSWORD, "10.0.0.1")
@@ -83,8 +78,8 @@ def test_failure_is_identical_for_unknown_address_and_wrong_password(portal):
     assert not is_signed_in(wrong) and not is_signed_in(unknown)
 
 
-def test_next_never_leaves_the_site(portal):
-    _, app = portal
+def test_next_never_leaves_the_site(owner_portal):
+    _, app = owner_portal
     client = app.test_client()
     for target in ("//evil.example", "https://evil.example/library", "/\\evil.example",
                    "/\t/evil.example", "javascript:alert(1)", "library"):
@@ -97,8 +92,8 @@ def test_next_never_leaves_the_site(portal):
         assert location.netloc in ("", "localhost") and location.path == "/library", target
 
 
-def test_next_brings_back_to_a_local_page(portal):
-    _, app = portal
+def test_next_brings_back_to_a_local_page(owner_portal):
+    _, app = owner_portal
     client = app.test_client()
     first = client.get("/account/password")
     assert first.status_code == 302 and urlsplit(first.location).path == "/signin"
@@ -112,8 +107,8 @@ def test_next_brings_back_to_a_local_page(portal):
 # --- throttling ------------------------------------------------------------------------------
 
 
-def test_five_failures_throttle_that_address_from_that_ip_only(portal):
-    rt, app = portal
+def test_five_failures_throttle_that_address_from_that_ip_only(owner_portal):
+    rt, app = owner_portal
     attacker = app.test_client()
     token = csrf(attacker, "/signin")
     for _ in range(5):
@@ -137,8 +132,8 @@ def earlier_failures(rt, count: int, *, address=None, ip=None) -> None:
                           actor=address or f"person{n}@else.example", ip=ip or f"10.9.0.{n}")
 
 
-def test_one_ip_trying_many_addresses_is_throttled(portal):
-    rt, app = portal
+def test_one_ip_trying_many_addresses_is_throttled(owner_portal):
+    rt, app = owner_portal
     client = app.test_client()
     token = csrf(client, "/signin")
     earlier_failures(rt, auth.PER_IP - 1, ip="10.0.0.1")
@@ -147,8 +142,8 @@ def test_one_ip_trying_many_addresses_is_throttled(portal):
     assert attempt(client, token, OWNER, PASSWORD, "10.0.0.2").status_code == 302
 
 
-def test_rate_limit_on_sign_in_posts_per_ip(portal):
-    rt, app = portal
+def test_rate_limit_on_sign_in_posts_per_ip(owner_portal):
+    rt, app = owner_portal
     client = app.test_client()
     token = csrf(client, "/signin")
     # This pair is throttled already, so these 20 posts are quick; the limiter counts them.
@@ -162,8 +157,8 @@ def test_rate_limit_on_sign_in_posts_per_ip(portal):
     assert attempt(client, token, OWNER, PASSWORD, "10.0.0.2").status_code == 302
 
 
-def test_account_wide_throttle_spares_the_owners_browser(portal):
-    rt, app = portal
+def test_account_wide_throttle_spares_the_owners_browser(owner_portal):
+    rt, app = owner_portal
     owner = app.test_client()
     assert sign_in(owner, OWNER).status_code == 302  # this browser now carries the device cookie
     owner.post("/signout", data={"csrf_token": csrf(owner, "/account/password")})
@@ -196,8 +191,8 @@ def reset_token(rt) -> str:
     return re.search(r"http://portal\.example/reset/(\S+)", body).group(1)
 
 
-def test_forgot_gives_one_answer_and_mails_only_an_account(portal):
-    rt, app = portal
+def test_forgot_gives_one_answer_and_mails_only_an_account(owner_portal):
+    rt, app = owner_portal
     client = app.test_client()
     known = request_reset(client, OWNER.upper())
     unknown = request_reset(client, "nobody@else.example")
@@ -215,8 +210,8 @@ def test_forgot_gives_one_answer_and_mails_only_an_account(portal):
     assert kinds("password_reset_requested") == 1
 
 
-def test_reset_link_works_once_and_signs_out_everywhere_else(portal):
-    rt, app = portal
+def test_reset_link_works_once_and_signs_out_everywhere_else(owner_portal):
+    rt, app = owner_portal
     other = app.test_client()
     sign_in(other, OWNER)
     client = app.test_client()
@@ -251,8 +246,8 @@ def test_reset_link_works_once_and_signs_out_everywhere_else(portal):
     assert sign_in(fresh, OWNER, NEW_PASSWORD).status_code == 302
 
 
-def test_reset_link_expires_after_30_minutes(portal):
-    rt, app = portal
+def test_reset_link_expires_after_30_minutes(owner_portal):
+    rt, app = owner_portal
     client = app.test_client()
     request_reset(client, OWNER)
     token = reset_token(rt)
@@ -265,8 +260,8 @@ def test_reset_link_expires_after_30_minutes(portal):
     assert verify_password(Account.get().password_hash, PASSWORD)
 
 
-def test_at_most_three_reset_mails_an_hour_and_five_requests_a_minute(portal):
-    rt, app = portal
+def test_at_most_three_reset_mails_an_hour_and_five_requests_a_minute(owner_portal):
+    rt, app = owner_portal
     client = app.test_client()
     answers = {request_reset(client, OWNER).get_data() for _ in range(4)}
     assert len(answers) == 1
@@ -289,8 +284,8 @@ def change(client, current: str, new: str, ip: str = "127.0.0.1"):
                        environ_overrides={"REMOTE_ADDR": ip})
 
 
-def test_change_password_checks_the_current_one_and_ends_other_sessions(portal):
-    _, app = portal
+def test_change_password_checks_the_current_one_and_ends_other_sessions(owner_portal):
+    _, app = owner_portal
     client, other = app.test_client(), app.test_client()
     sign_in(client, OWNER)
     sign_in(other, OWNER)
@@ -314,8 +309,8 @@ def test_change_password_checks_the_current_one_and_ends_other_sessions(portal):
                                      & WebSession.account.is_null(False)).count() == 1
 
 
-def test_guessing_the_current_password_is_throttled(portal):
-    _, app = portal
+def test_guessing_the_current_password_is_throttled(owner_portal):
+    _, app = owner_portal
     client = app.test_client()
     sign_in(client, OWNER)
     for n in range(auth.PER_PAIR):

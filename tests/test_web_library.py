@@ -5,35 +5,23 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import secrets
 
 import pytest
 
-from mailbridge import tokens
 from mailbridge.models import AuditEvent, Document, Grant, WebSession
 from tests.helpers import pdf_bytes
-from tests.portal_helpers import make_account, make_app, make_share, portal_runtime
+from tests.portal_helpers import (
+    claim,
+    make_account,
+    make_app,
+    make_share,
+    portal_runtime,
+    signed_in_client,
+)
 
 SMITH = "dr.smith@ortho.example"
 JONES = "dr.jones@ortho.example"
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
-
-
-def signed_in_client(app, runtime, account):
-    """A browser with an open session for `account` (as after signing in)."""
-    sid = secrets.token_urlsafe(32)
-    now = runtime.clock()
-    WebSession.create(id_hash=tokens.hash_token(sid), account=account, data={},
-                      created_at=now, last_seen_at=now)
-    client = app.test_client()
-    client.set_cookie("mb_session", sid)
-    return client
-
-
-def claim(runtime, share, address, account):
-    (Grant.update(state="claimed", account=account, claimed_at=runtime.clock())
-     .where((Grant.share == share) & (Grant.address == address)).execute())
-    return Grant.get((Grant.share == share) & (Grant.address == address))
 
 
 def form_token(page: str) -> str:

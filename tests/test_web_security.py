@@ -15,29 +15,20 @@ from mailbridge import tokens
 from mailbridge.models import Account, AuditEvent, Grant, OutboundMessage, PasswordReset, WebSession
 from mailbridge.web import auth, sessions
 from tests.portal_helpers import (
+    OWNER,
     PASSWORD,
     csrf,
-    make_account,
     make_app,
     make_share,
     portal_runtime,
     sign_in,
 )
+from tests.test_web_accounts import is_signed_in
 
 ROOT = Path(__file__).resolve().parents[1]
-OWNER = "dr.smith@ortho.example"
 NEWCOMER = "new.person@elsewhere.example"
 
 
-@pytest.fixture
-def portal(runtime):
-    rt = portal_runtime(runtime)
-    make_account(rt, OWNER)
-    return rt, make_app(rt)
-
-
-def is_signed_in(client) -> bool:
-    return client.get("/account/password").status_code == 200
 
 
 def with_settings(rt, **sections):
@@ -57,9 +48,9 @@ def set_cookie_header(response, name: str) -> str:
 
 
 @pytest.fixture
-def world(portal):
+def world(owner_portal):
     """A signed-in owner with a claimed share, a newcomer's pending link and a reset link."""
-    rt, app = portal
+    rt, app = owner_portal
     account = Account.get()
     share, links = make_share(rt, recipients=(OWNER, NEWCOMER))
     Grant.update(state="claimed", account=account, claimed_at=rt.clock()).where(
@@ -122,8 +113,8 @@ def test_every_post_route_wants_a_csrf_token(world):
 # --- session cookies -------------------------------------------------------------------------
 
 
-def test_cookies_are_httponly_and_samesite(portal):
-    _, app = portal
+def test_cookies_are_httponly_and_samesite(owner_portal):
+    _, app = owner_portal
     response = sign_in(app.test_client(), OWNER)
     session_cookie = set_cookie_header(response, sessions.COOKIE)
     for attribute in ("HttpOnly", "SameSite=Lax", "Path=/"):
@@ -134,8 +125,8 @@ def test_cookies_are_httponly_and_samesite(portal):
     assert f"Max-Age={180 * 24 * 3600}" in device
 
 
-def test_cookies_are_secure_behind_https(portal):
-    rt, _ = portal
+def test_cookies_are_secure_behind_https(owner_portal):
+    rt, _ = owner_portal
     app = make_app(with_settings(rt, service={"base_url": "https://portal.example"}))
     client = app.test_client()
     base = "https://portal.example"
@@ -149,8 +140,8 @@ def test_cookies_are_secure_behind_https(portal):
     assert "Secure" in set_cookie_header(response, auth.DEVICE_COOKIE)
 
 
-def test_signing_in_replaces_the_session_id(portal):
-    _, app = portal
+def test_signing_in_replaces_the_session_id(owner_portal):
+    _, app = owner_portal
     client = app.test_client()
     csrf(client, "/signin")
     before = client.get_cookie(sessions.COOKIE).value
@@ -164,8 +155,8 @@ def test_signing_in_replaces_the_session_id(portal):
     assert WebSession.get(WebSession.id_hash == tokens.hash_token(before)).ended_at is not None
 
 
-def test_signing_out_ends_the_session_on_the_server(portal):
-    _, app = portal
+def test_signing_out_ends_the_session_on_the_server(owner_portal):
+    _, app = owner_portal
     client = app.test_client()
     sign_in(client, OWNER)
     stolen = client.get_cookie(sessions.COOKIE).value
@@ -177,8 +168,8 @@ def test_signing_out_ends_the_session_on_the_server(portal):
     assert WebSession.get(WebSession.id_hash == tokens.hash_token(stolen)).ended_at is not None
 
 
-def test_idle_timeout(portal):
-    rt, app = portal
+def test_idle_timeout(owner_portal):
+    rt, app = owner_portal
     client, idle = app.test_client(), app.test_client()
     sign_in(client, OWNER)
     sign_in(idle, OWNER)
@@ -189,8 +180,8 @@ def test_idle_timeout(portal):
     assert not is_signed_in(idle)
 
 
-def test_idle_timeout_follows_the_setting(portal):
-    rt, _ = portal
+def test_idle_timeout_follows_the_setting(owner_portal):
+    rt, _ = owner_portal
     short = with_settings(rt, web={"session_idle_minutes": 5})
     client = make_app(short).test_client()
     sign_in(client, OWNER)
@@ -200,8 +191,8 @@ def test_idle_timeout_follows_the_setting(portal):
     assert not is_signed_in(client)
 
 
-def test_absolute_timeout_even_when_active(portal):
-    rt, app = portal
+def test_absolute_timeout_even_when_active(owner_portal):
+    rt, app = owner_portal
     client = app.test_client()
     sign_in(client, OWNER)
     start = rt.clock()
@@ -247,8 +238,8 @@ def csp(header: str) -> dict[str, list[str]]:
     return policy
 
 
-def test_security_headers_on_every_page(portal):
-    rt, app = portal
+def test_security_headers_on_every_page(owner_portal):
+    rt, app = owner_portal
     for path, response in pages(rt, app).items():
         headers = response.headers
         policy = csp(headers["Content-Security-Policy"])
@@ -261,8 +252,8 @@ def test_security_headers_on_every_page(portal):
         assert headers["X-Frame-Options"] == "DENY", path
 
 
-def test_no_script_in_any_page(portal):
-    rt, app = portal
+def test_no_script_in_any_page(owner_portal):
+    rt, app = owner_portal
     for path, response in pages(rt, app).items():
         if response.mimetype == "text/html":
             assert "<script" not in response.get_data(as_text=True).lower(), path
@@ -280,7 +271,7 @@ def test_templates_load_nothing_from_other_hosts():
 
 
 def test_wsgi_entry_point_builds_the_portal_from_the_config_file(tmp_path, monkeypatch):
-    """What gunicorn imports when the portal is scaled out."""
+    """What gunicorn imports when the owner_portal is scaled out."""
     import base64
     import importlib
     import os
@@ -304,7 +295,7 @@ def test_every_visible_form_field_has_a_label(runtime):
     """Screen readers announce each field: every input that is not hidden has a <label for>."""
     import re
 
-    from tests.portal_helpers import make_app, make_share, portal_runtime
+    from tests.portal_helpers import make_app, make_share
 
     rt = portal_runtime(runtime)
     _, links = make_share(rt)
