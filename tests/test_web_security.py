@@ -271,7 +271,7 @@ def test_templates_load_nothing_from_other_hosts():
 
 
 def test_wsgi_entry_point_builds_the_portal_from_the_config_file(tmp_path, monkeypatch):
-    """What gunicorn imports when the owner_portal is scaled out."""
+    """What gunicorn imports when the portal is scaled out."""
     import base64
     import importlib
     import os
