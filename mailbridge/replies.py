@@ -1,0 +1,338 @@
+"""Reads the command a member typed in a reply to a receipt: the first line of the reply that
+is not quoted text, signature or a client's attribution line. Pure functions; never raises."""
+
+from __future__ import annotations
+
+import email.message
+import re
+import unicodedata
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from html.parser import HTMLParser
+
+COMMANDS = frozenset({"revoke", "status", "resend", "extend", "help"})
+
+# The command sits at the very top; nothing further down is ever needed.
+MAX_SCAN_CHARS = 64 * 1024
+# HTMLParser is quadratic on some broken input, so it sees at most MAX_HTML_SCAN_CHARS, taken
+# after comments and style sheets (Outlook's run to tens of kilobytes) are removed.
+MAX_HTML_CHARS = 1024 * 1024
+MAX_HTML_SCAN_CHARS = 16 * 1024
+MAX_LINE_CHARS = 1000
+# Outlook puts its "From:" line a few lines above "Sent:" when To/Cc wrap.
+HEADER_BLOCK_LINES = 4
+# Attribution lines are short; the cap also keeps the regex linear on hostile input.
+MAX_ATTRIBUTION_CHARS = 500
+
+_HIDDEN_HTML = re.compile(
+    r"<!--.*?(?:-->|\Z)|<(script|style|head|title|template)\b.*?(?:</\1\s*>|\Z)",
+    re.IGNORECASE | re.DOTALL)
+_WROTE = (r"wrote|schrieb|a\s+écrit|escribió|ha\s+scritto|schreef|skrev|kirjoitti|napisał"
+          r"|написал|написала|escreveu|yazdı")
+# An attribution line ends with ':' and names the verb, e.g. "On <date>, <name> wrote:",
+# "Am <date> schrieb <name>:", "<name> schrieb am <date>:", "Le <date>, <name> a écrit :".
+_ATTRIBUTION = re.compile(rf".*\b(?:{_WROTE})\b.*:", re.IGNORECASE | re.DOTALL)
+# Where a wrapped attribution may start: the words clients open it with, or a date.
+_ATTRIBUTION_OPENER = re.compile(
+    r"(?:on|am|le|el|il|op|em|den|dne|w\s+dniu|в|\d)\b", re.IGNORECASE)
+_SEPARATOR = re.compile(
+    r"-{2,}\s*(?:original\s+message|forwarded\s+message|ursprüngliche\s+nachricht"
+    r"|weitergeleitete\s+nachricht|message\s+d'origine|message\s+transféré|mensaje\s+original"
+    r"|messaggio\s+originale|oorspronkelijk\s+bericht)\b.*"
+    r"|_{5,}|-{5,}|\**(?:begin\s+forwarded\s+message|anfang\s+der\s+weitergeleiteten\s+nachricht"
+    r"|début\s+du\s+message\s+réexpédié)\s*:.*",
+    re.IGNORECASE)
+_SIGNATURE = re.compile(
+    r"--|sent\s+from\s+(?:my|mail|outlook|yahoo)\b.*|sent\s+with\s+.*|get\s+outlook\s+for\b.*"
+    r"|von\s+meinem\s+.*gesendet.*|envoyé\s+de\s+mon\b.*|enviado\s+desde\s+mi\b.*",
+    re.IGNORECASE)
+# Outlook's plain-text quote header, also localized and with *bold* markers from HTML.
+_HEADER_FROM = re.compile(r"\**(?:from|von|de|da|van|från|fra|od|от)\s*:.*", re.IGNORECASE)
+_HEADER_SENT = re.compile(
+    r"\**(?:sent|date|gesendet|datum|envoyé|inviato|data|enviado|enviada|verzonden|skickat"
+    r"|sendt|wysłano|отправлено)\s*:.*", re.IGNORECASE)
+
+_STRIP_AROUND = " \t*_~`\"'.,;:!?()[]"
+_ALL_RECIPIENTS = frozenset({"all", "everyone", "everybody", "all recipients"})
+_BRACKETED_ADDRESS = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
+_HOURS = re.compile(
+    r"(?:by\s+|for\s+|\+\s*)?(\d{1,6}(?:[.,]\d{1,4})?)\s*(h|hrs?|hours?|d|days?)?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # revoke | status | resend | extend | help
+    argument: str = ""
+    recognised: bool = True
+
+
+UNRECOGNISED = Command("help", "", recognised=False)
+
+
+def extract_command(msg: email.message.Message) -> Command:
+    return parse_command(first_unquoted_line(msg))
+
+
+# --- the first line the member typed ----------------------------------------------------------
+
+
+def first_unquoted_line(msg: email.message.Message) -> str | None:
+    """The first non-empty line above any quote, forward header or signature; None if none."""
+    try:
+        plain, html = _body_texts(msg)
+        if plain is not None and plain.strip():
+            lines = plain[:MAX_SCAN_CHARS].splitlines()
+        elif html is not None:
+            lines = _html_lines(html)
+        else:
+            return None
+        return _first_typed_line([_visible(line).strip() for line in lines])
+    except Exception:  # noqa: BLE001 - hostile mail must not stop the worker
+        return None
+
+
+def _first_typed_line(lines: list[str]) -> str | None:
+    """The first non-empty line, unless a quote marker, attribution, forward header or
+    signature comes first."""
+    for index, line in enumerate(lines):
+        if _starts_quote(lines, index):
+            return None
+        if line:
+            return line[:MAX_LINE_CHARS]
+    return None
+
+
+def _starts_quote(lines: list[str], index: int) -> bool:
+    line = lines[index]
+    if line.startswith(">") or _SEPARATOR.fullmatch(line) or _SIGNATURE.fullmatch(line):
+        return True
+    if _is_attribution(line):
+        return True
+    # Clients wrap a long attribution ("On <date>, <name> <" / "<address>> wrote:"). No
+    # command starts like an attribution, so a member's line is never mistaken for one.
+    following = lines[index + 1] if index + 1 < len(lines) else ""
+    if (following and _ATTRIBUTION_OPENER.match(line)
+            and _is_attribution(f"{line} {following}")):
+        return True
+    if _HEADER_FROM.fullmatch(line):
+        window = lines[index + 1:index + 1 + HEADER_BLOCK_LINES]
+        return any(_HEADER_SENT.fullmatch(other) for other in window)
+    return False
+
+
+def _is_attribution(line: str) -> bool:
+    return (line.endswith(":") and len(line) <= MAX_ATTRIBUTION_CHARS
+            and _ATTRIBUTION.fullmatch(line) is not None)
+
+
+def _visible(line: str) -> str:
+    # Zero-width spaces, BOMs and bidi marks are invisible but would defeat matching.
+    return "".join(ch for ch in line if unicodedata.category(ch) not in ("Cf", "Cc")
+                   or ch == "\t")
+
+
+# --- body parts --------------------------------------------------------------------------------
+
+
+def _body_texts(msg: email.message.Message) -> tuple[str | None, str | None]:
+    """The text of the first text/plain body part and, if that is blank, of the first
+    text/html one; attachments and forwarded messages do not count."""
+    plain = html = None
+    stack: list[email.message.Message] = [msg]
+    while stack and not (plain and plain.strip()):
+        part = stack.pop()
+        kind = _content_type(part)
+        if part.is_multipart():
+            if not kind.startswith("message/"):
+                children = part.get_payload()
+                if isinstance(children, list):
+                    stack.extend(reversed([c for c in children
+                                           if isinstance(c, email.message.Message)]))
+            continue
+        if _is_attachment(part):
+            continue
+        if kind == "text/plain" and plain is None:
+            plain = _part_text(part)
+        elif kind == "text/html" and html is None:
+            html = _part_text(part)
+    return plain, html
+
+
+def _content_type(part: email.message.Message) -> str:
+    try:
+        return part.get_content_type()
+    except Exception:  # noqa: BLE001 - RFC 2045: an unreadable Content-Type means text/plain
+        return "text/plain"
+
+
+def _is_attachment(part: email.message.Message) -> bool:
+    try:
+        return part.get_content_disposition() == "attachment"
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _part_text(part: email.message.Message) -> str:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:  # noqa: BLE001
+        return ""
+    if not isinstance(data, bytes):
+        return ""
+    try:
+        charset = part.get_content_charset() or "us-ascii"
+    except Exception:  # noqa: BLE001
+        charset = "us-ascii"
+    for candidate in (charset, "utf-8"):
+        try:
+            return data.decode(candidate)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("cp1252", "replace")
+
+
+# --- HTML-only replies -------------------------------------------------------------------------
+
+
+class _ReplyHtml(HTMLParser):
+    """Visible text lines of an HTML reply, up to the first quoted or signature block."""
+
+    BREAKS = frozenset({"br", "p", "div", "li", "tr", "table", "pre", "h1", "h2", "h3", "h4",
+                        "h5", "h6", "ul", "ol", "hr"})
+    HIDDEN = frozenset({"script", "style", "head", "title", "template"})
+    QUOTE_CLASSES = frozenset({"gmail_quote", "gmail_quote_container", "gmail_attr",
+                               "gmail_signature", "yahoo_quoted", "moz-cite-prefix",
+                               "moz-signature", "outlookmessageheader"})
+    QUOTE_IDS = frozenset({"divrplyfwdmsg", "appendonsend"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.lines: list[str] = []
+        self.current: list[str] = []
+        self.hidden = 0
+        self.pre = 0
+        self.stopped = False
+
+    def end_line(self) -> None:
+        self.lines.append("".join(self.current))
+        self.current = []
+
+    def _is_quote(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+        if tag == "blockquote":
+            return True
+        values = {name.lower(): (value or "").lower() for name, value in attrs}
+        return bool(self.QUOTE_CLASSES & set(values.get("class", "").split())
+                    or values.get("id", "") in self.QUOTE_IDS)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.stopped:
+            return
+        if self._is_quote(tag, attrs):
+            self.end_line()
+            self.stopped = True
+        elif tag in self.HIDDEN:
+            self.hidden += 1
+        elif tag in self.BREAKS:
+            self.pre += tag == "pre"
+            self.end_line()
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        self.handle_endtag(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.stopped:
+            return
+        if tag in self.HIDDEN:
+            self.hidden = max(0, self.hidden - 1)
+        elif tag in self.BREAKS:
+            self.pre = max(0, self.pre - (tag == "pre"))
+            self.end_line()
+
+    def handle_data(self, data: str) -> None:
+        if self.stopped or self.hidden:
+            return
+        if self.pre:
+            *done, rest = data.replace("\r", "").split("\n")
+            for piece in done:
+                self.current.append(piece)
+                self.end_line()
+            self.current.append(rest)
+        else:
+            self.current.append(re.sub(r"\s+", " ", data))
+
+
+def _html_lines(source: str) -> list[str]:
+    source = _HIDDEN_HTML.sub("", source[:MAX_HTML_CHARS])[:MAX_HTML_SCAN_CHARS]
+    parser = _ReplyHtml()
+    try:
+        parser.feed(source)
+        parser.close()
+    except Exception:  # noqa: BLE001 - HTMLParser is lenient, but hostile input is hostile
+        pass
+    if not parser.stopped:
+        parser.end_line()
+    return parser.lines
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def parse_command(line: str | None) -> Command:
+    """The command on `line`; the first word decides. Unknown or empty → unrecognised help."""
+    if not line:
+        return UNRECOGNISED
+    text = _visible(line).strip(_STRIP_AROUND + "\u00a0")
+    words = text.split(None, 1)
+    if not words:
+        return UNRECOGNISED
+    name = words[0].strip(_STRIP_AROUND).lower()
+    rest = words[1].strip(_STRIP_AROUND) if len(words) > 1 else ""
+    if name not in COMMANDS:
+        return UNRECOGNISED
+    if name in ("revoke", "resend"):
+        return Command(name, _address_argument(rest))
+    if name == "extend":
+        return Command(name, _hours_argument(rest))
+    return Command(name)
+
+
+def _address_argument(text: str) -> str:
+    """One address, lower-cased; '' for everyone; anything else as given (it then matches no
+    recipient, so a garbled address can never widen a revoke to every recipient)."""
+    if not text or " ".join(text.lower().split()) in _ALL_RECIPIENTS:
+        return ""
+    candidates = _BRACKETED_ADDRESS.findall(text) or [
+        word for word in re.split(r"[\s,;]+", text) if "@" in word]
+    addresses = {_clean_address(word) for word in candidates}
+    if len(addresses) == 1:
+        return addresses.pop()
+    return text
+
+
+def _clean_address(word: str) -> str:
+    word = word.strip(_STRIP_AROUND + "<>")
+    # Outlook's plain text renders links as "dr@x.example<mailto:dr@x.example>".
+    word = word.split("<", 1)[0]
+    if word.lower().startswith("mailto:"):
+        word = word[len("mailto:"):]
+    return word.strip(_STRIP_AROUND + "<>").lower()
+
+
+def _hours_argument(text: str) -> str:
+    """A positive number of hours in plain decimal ("12", "1.5"); '' for none; otherwise the
+    text as given, for the caller to answer that it was not understood."""
+    if not text:
+        return ""
+    match = _HOURS.fullmatch(text.strip())
+    if not match:
+        return text
+    try:
+        value = Decimal(match.group(1).replace(",", "."))
+    except InvalidOperation:
+        return text
+    if (match.group(2) or "h").lower().startswith("d"):
+        value *= 24
+    if value <= 0:
+        return text
+    return format(value.normalize(), "f")
