@@ -10,8 +10,8 @@ import threading
 
 import click
 
+from mailbridge import lifecycle, schema, spool
 from mailbridge import members as member_ops
-from mailbridge import schema, spool
 from mailbridge.clock import system_clock
 from mailbridge.config import ConfigError, Settings, load_settings
 from mailbridge.logs import configure_logging
@@ -142,6 +142,9 @@ def serve(ctx: Context) -> None:
                f"for {settings.addresses.sharing}")
     click.echo(f"mailbridge: portal on http://{settings.web.host}:{service.web_port}/ "
                f"(links use {settings.service.base_url})")
+    if settings.imap.enabled:
+        click.echo(f"mailbridge: IMAP intake from the folder {settings.imap.folder} at "
+                   f"{settings.imap.host}:{settings.imap.port}")
     if settings.outbound.transport == "maildir":
         click.echo(f"mailbridge: outbound mail is written to the Maildir "
                    f"{settings.outbound.maildir}")
@@ -247,6 +250,75 @@ def shares_show(ctx: Context, share_id: int) -> None:
                    f"link e-mail {g.delivery}")
 
 
+def _share_arg(share_id: int) -> Share:
+    share = Share.get_or_none(Share.id == share_id)
+    if share is None:
+        raise click.BadParameter(f"no share #{share_id}", param_hint="ID")
+    return share
+
+
+def _recipient_arg(share: Share, address: str | None) -> str | None:
+    if address is None:
+        return None
+    normalised = lifecycle.normalise_address(address)
+    if not Grant.select().where((Grant.share == share) & (Grant.address == normalised)).exists():
+        raise click.BadParameter(f"{normalised} is not a recipient of share #{share.id}",
+                                 param_hint="--recipient")
+    return normalised
+
+
+@shares.command("revoke")
+@click.argument("share_id", type=int, metavar="ID")
+@click.option("--recipient", metavar="ADDR", help="Only this recipient (default: all).")
+@pass_ctx
+def shares_revoke(ctx: Context, share_id: int, recipient: str | None) -> None:
+    """Withdraw access now; the portal refuses the recipients' next request."""
+    runtime = ctx.ready_runtime()
+    share = _share_arg(share_id)
+    result = lifecycle.revoke(runtime, share, address=_recipient_arg(share, recipient),
+                              actor="cli")
+    click.echo(result.text())
+
+
+@shares.command("resend")
+@click.argument("share_id", type=int, metavar="ID")
+@click.option("--recipient", metavar="ADDR", help="Only this recipient (default: all "
+              "who have not claimed).")
+@pass_ctx
+def shares_resend(ctx: Context, share_id: int, recipient: str | None) -> None:
+    """New links (new token, new deadline) for recipients who have not claimed."""
+    runtime = ctx.ready_runtime()
+    share = _share_arg(share_id)
+    result = lifecycle.resend(runtime, share, address=_recipient_arg(share, recipient),
+                              actor="cli")
+    click.echo(result.text())
+
+
+@shares.command("extend")
+@click.argument("share_id", type=int, metavar="ID")
+@click.option("--hours", type=float, default=None,
+              help="How much longer (default [shares] claim_hours, at most max_extend_hours).")
+@pass_ctx
+def shares_extend(ctx: Context, share_id: int, hours: float | None) -> None:
+    """More time to claim the links not yet claimed."""
+    runtime = ctx.ready_runtime()
+    share = _share_arg(share_id)
+    try:
+        result = lifecycle.extend(runtime, share, hours=hours, actor="cli")
+    except lifecycle.LifecycleError as exc:
+        raise click.BadParameter(str(exc), param_hint="--hours") from None
+    click.echo(result.text())
+
+
+@shares.command("status")
+@click.argument("share_id", type=int, metavar="ID")
+@pass_ctx
+def shares_status(ctx: Context, share_id: int) -> None:
+    """The same report a `status` reply gets by e-mail."""
+    runtime = ctx.ready_runtime()
+    click.echo(lifecycle.status_report(runtime, _share_arg(share_id)), nl=False)
+
+
 # --- spool ---------------------------------------------------------------------------------
 
 
@@ -280,7 +352,106 @@ def spool_retry(ctx: Context, message_id: int) -> None:
     """Queue a failed message for processing again."""
     runtime = ctx.ready_runtime()
     if not spool.requeue(runtime, message_id):
-        raise click.BadParameter(f"no failed message #{message_id}", param_hint="ID")
+        raise click.BadParameter(f"no failed message #{message_id} (or its raw message was "
+                                 "purged)", param_hint="ID")
     click.echo(f"inbound #{message_id} queued again; a running service picks it up")
 
 
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+@cli.group("jobs")
+def jobs_group() -> None:
+    """Scheduled jobs (`serve` runs them; cron can too)."""
+
+
+@jobs_group.command("list")
+def jobs_list() -> None:
+    """The jobs and how often `serve` runs them."""
+    from mailbridge.jobs import JOBS
+
+    for name, (function, seconds) in JOBS.items():
+        summary = " ".join((function.__doc__ or "").split()).split(". ")[0]
+        click.echo(f"{name}\tevery {seconds:g} s\t{summary}")
+
+
+@jobs_group.command("run")
+@click.argument("name")
+@pass_ctx
+def jobs_run(ctx: Context, name: str) -> None:
+    """Run one job once and print how many things it did. Safe on several nodes at once."""
+    from mailbridge.jobs import JOBS
+
+    if name not in JOBS:
+        raise click.BadParameter(f"no job {name!r}; one of: {', '.join(JOBS)}",
+                                 param_hint="NAME")
+    runtime = ctx.ready_runtime()
+    configure_logging(ctx.settings.service.log_level)
+    function, _ = JOBS[name]
+    click.echo(f"{name}: {function(runtime)}")
+
+
+# --- imap ----------------------------------------------------------------------------------
+
+
+@cli.group("imap")
+def imap_group() -> None:
+    """Intake from an existing mailbox ([imap] in the configuration)."""
+
+
+@imap_group.command("check")
+@pass_ctx
+def imap_check(ctx: Context) -> None:
+    """Connect, list capabilities, count waiting messages, create the processed/failed folders."""
+    from mailbridge.receive.imap import check
+    from mailbridge.receive.imap_session import ImapProblem
+
+    imap = ctx.settings.imap
+    try:
+        report = check(ctx.settings)
+    except ImapProblem as exc:
+        click.echo(f"mailbridge imap check: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"connected to {imap.host}:{imap.port} ({imap.security}) as {imap.username}")
+    click.echo("capabilities: " + " ".join(report.capabilities))
+    click.echo(f"{report.folders.watch}: {report.waiting} message(s) waiting")
+    for name in report.created:
+        click.echo(f"created folder {name}")
+    click.echo(f"processed messages go to {report.folders.processed}, messages from "
+               f"non-members and unreadable ones to {report.folders.failed}")
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}")
+    if not imap.enabled:
+        click.echo("note: [imap] enabled = false, so `mailbridge serve` does not watch it yet")
+
+
+@imap_group.command("poll")
+@click.option("--once", is_flag=True, help="Take what is waiting now, then exit.")
+@pass_ctx
+def imap_poll(ctx: Context, once: bool) -> None:
+    """Spool the mailbox's messages (intake only; `serve` processes the spool)."""
+    from mailbridge.receive.imap import ImapPoller, poll_once
+    from mailbridge.receive.imap_session import ImapProblem
+
+    runtime = ctx.ready_runtime()
+    configure_logging(ctx.settings.service.log_level)
+    if once:
+        try:
+            stats = poll_once(runtime)
+        except ImapProblem as exc:
+            click.echo(f"mailbridge imap poll: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"mailbridge imap poll: {stats.summary()}")
+        return
+    poller = ImapPoller(runtime)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    poller.start()
+    click.echo(f"mailbridge: watching {ctx.settings.imap.folder} at "
+               f"{ctx.settings.imap.host}:{ctx.settings.imap.port}; stop with Ctrl-C")
+    sys.stdout.flush()
+    stop.wait()
+    poller.stop()
+    click.echo("mailbridge: stopped")

@@ -144,6 +144,26 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ImapSettings:
+    """Intake from an existing mailbox. Folder names use "/" between levels whatever the
+    server's own separator is."""
+
+    enabled: bool = False
+    host: str = ""
+    port: int = 993
+    security: str = "tls"  # "tls" (port 993), "starttls" (port 143) or "none"
+    username: str = ""
+    password_env: str = "MAILBRIDGE_IMAP_PASSWORD"  # noqa: S105 - a variable name
+    password_file: str = ""
+    ca_file: str = ""  # extra CA certificates (PEM) for a server with a private certificate
+    folder: str = "INBOX"
+    processed_folder: str = "mailbridge/processed"
+    failed_folder: str = "mailbridge/failed"
+    poll_seconds: float = 60.0  # when the server does not offer IDLE
+    batch_size: int = 50
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     service: ServiceSettings
     database: DatabaseSettings
@@ -157,6 +177,7 @@ class Settings:
     senders: SenderSettings
     limits: LimitSettings
     worker: WorkerSettings
+    imap: ImapSettings = field(default_factory=ImapSettings)
 
     @property
     def sharing_local(self) -> str:
@@ -327,6 +348,10 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
             s.outbound,
             maildir=str(absolute(Path(s.outbound.maildir)) if s.outbound.maildir
                         else data_dir / "outbox")),
+        imap=dataclasses.replace(
+            s.imap, **{name: str(absolute(Path(value)))
+                       for name in ("ca_file", "password_file")
+                       if (value := getattr(s.imap, name))}),
     )
 
 
@@ -395,6 +420,31 @@ def validate(s: Settings) -> None:
                           f"known: {', '.join(DEFAULT_ALLOWED_TYPES)}")
     if s.worker.lease_seconds <= 0:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
+    _validate_imap(s.imap)
+
+
+def _validate_imap(imap: ImapSettings) -> None:
+    if imap.security not in ("tls", "starttls", "none"):
+        raise ConfigError(f"[imap] security: expected \"tls\", \"starttls\" or \"none\", got "
+                          f"{imap.security!r}")
+    if not 0 < imap.port <= 65535:
+        raise ConfigError(f"[imap] port: {imap.port} is not a TCP port")
+    if imap.poll_seconds <= 0:
+        raise ConfigError("[imap] poll_seconds: must be more than 0")
+    if imap.batch_size < 1:
+        raise ConfigError("[imap] batch_size: must be at least 1")
+    folders = {"folder": imap.folder, "processed_folder": imap.processed_folder,
+               "failed_folder": imap.failed_folder}
+    for name, value in folders.items():
+        if not value.strip("/ "):
+            raise ConfigError(f"[imap] {name}: must not be empty")
+    if len({v.strip("/ ").lower() for v in folders.values()}) < len(folders):
+        raise ConfigError("[imap] folder / processed_folder / failed_folder: must be three "
+                          "different folders")
+    if imap.enabled:
+        for name in ("host", "username"):
+            if not getattr(imap, name).strip():
+                raise ConfigError(f"[imap] {name}: required when [imap] enabled = true")
 
 
 # --- secrets -------------------------------------------------------------------------------
@@ -431,3 +481,16 @@ def read_relay_password(s: Settings, env: typing.Mapping[str, str] | None = None
         except OSError as exc:
             raise ConfigError(f"[outbound.smtp] password_file: cannot read ({exc})") from None
     return env.get(relay.password_env, "")
+
+
+def read_imap_password(s: Settings, env: typing.Mapping[str, str] | None = None) -> str:
+    """The mailbox password from [imap] password_file, else the variable named by
+    [imap] password_env; "" if neither is set."""
+    env = os.environ if env is None else env
+    imap = s.imap
+    if imap.password_file:
+        try:
+            return Path(imap.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"[imap] password_file: cannot read ({exc})") from None
+    return env.get(imap.password_env, "")

@@ -9,7 +9,7 @@ records the outcome together with whatever it created, in one transaction.
 from __future__ import annotations
 
 from mailbridge import members, parse, screen, senders
-from mailbridge.actions import share
+from mailbridge.actions import bounces, commands, share
 from mailbridge.models import InboundMessage
 from mailbridge.outcomes import Ignore, Outcome, Reject, TempFail
 from mailbridge.respond import ignore, reject
@@ -21,8 +21,15 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     settings = runtime.settings
     message = parse.read_message(raw)
 
+    # 0. Bounces to a VERP address come first: a delivery report is exactly what screening
+    #    drops (null sender, multipart/report). It is read, never answered.
+    if route_message(row.envelope_to, settings) is Route.BOUNCE:
+        return bounces.handle_bounce(runtime, row, raw, message)
+
     # 1. Screen: auto-replies, bounces, lists and our own mail never act and never get a reply.
-    screened = screen.screen(message, row.envelope_from, row.envelope_to, settings)
+    # IMAP intake has no SMTP envelope (its rows store ""): screening then reads Return-Path.
+    envelope_from = None if row.channel == "imap" else row.envelope_from
+    screened = screen.screen(message, envelope_from, row.envelope_to, settings)
     if screened:
         return ignore(runtime, row, screened)
 
@@ -30,7 +37,10 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     route = route_message(row.envelope_to, settings)
     if route is None:
         return ignore(runtime, row, Ignore("not addressed to a mailbridge address"))
-    if route is not Route.SHARE:
+    # Mail to the sharing address that answers a receipt or notice of ours is a reply.
+    if route is Route.SHARE and commands.answers_us(message, settings):
+        route = Route.REPLY
+    if route not in (Route.SHARE, Route.REPLY):
         return ignore(runtime, row, Ignore(f"{route.value} handling is not enabled"))
 
     # 3. Identify the sender: an active member whose mail is authenticated (DKIM / trusted AR).
@@ -43,6 +53,10 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     if not auth.ok:
         return ignore(runtime, row, Ignore(f"sender not authenticated: {auth.reason}"),
                       member=member)
+
+    # A reply: sender checks, the command and its answer, in one transaction.
+    if route is Route.REPLY:
+        return commands.handle_reply(runtime, row, raw, message, member)
 
     # 4. Read what the member asked for: recipients, title, note, documents.
     request = parse.parse_share(message, row.envelope_to, settings)

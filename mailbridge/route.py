@@ -1,5 +1,5 @@
 """Which of our addresses a message was sent to: the sharing address, a receipt's reply
-address, or a bounce (VERP) address."""
+address (or our From address), or a bounce (VERP) address."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def classify_address(address: str, settings: Settings) -> Route | None:
         base = local.split("+", 1)[0]
         if base == settings.sharing_local.lower():
             return Route.SHARE
+    # Replies to mail without a reply+key address (notices) reach our From address; they are
+    # matched to a share by In-Reply-To/References.
+    if f"{local}@{domain}" == settings.outbound.from_.lower():
+        return Route.REPLY
     if domain == settings.addresses.reply_domain.lower():
         if local.startswith("reply+") and len(local) > len("reply+"):
             return Route.REPLY

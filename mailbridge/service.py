@@ -1,5 +1,5 @@
-"""`mailbridge serve`: SMTP intake, worker, outbound dispatcher, scheduler and web portal in
-one process, started in dependency order and stopped in reverse."""
+"""`mailbridge serve`: SMTP (and IMAP) intake, worker, outbound dispatcher, scheduler and web
+portal in one process, started in dependency order and stopped in reverse."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mailbridge.config import ConfigError
 from mailbridge.outbound import outbox
 from mailbridge.outbound.dispatcher import Dispatcher
 from mailbridge.outbound.mailer import make_mailer
+from mailbridge.receive.imap import ImapPoller
 from mailbridge.receive.smtp import make_controller
 from mailbridge.runtime import Runtime
 from mailbridge.web import create_app
@@ -29,6 +30,7 @@ class Service:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailbridge-smtp")
         self.smtp = make_controller(runtime, self.executor)
         self.worker = Worker(runtime, self.node)
+        self.imap = ImapPoller(runtime) if runtime.settings.imap.enabled else None
         self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node)
         self.scheduler = jobs.build_scheduler(runtime) if scheduler else None
         self.web = None
@@ -54,6 +56,8 @@ class Service:
             self._web_thread = threading.Thread(target=self.web.run, name="mailbridge-web",
                                                 daemon=True)
             self._web_thread.start()
+        if self.imap:
+            self.imap.start()
         self.smtp.start()  # last: accept mail only once everything behind it runs
 
     @property
@@ -67,6 +71,9 @@ class Service:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting first, then let in-flight work finish or hand it back."""
         self.smtp.stop()
+        if self.imap and not self.imap.stop(timeout):
+            log.warning("IMAP poller did not finish in time; its messages are taken again at "
+                        "start")
         self.executor.shutdown(wait=True)
         if not self.worker.stop(timeout):
             log.warning("worker did not finish in time; its message will be resumed at start")

@@ -19,22 +19,27 @@ FINAL_STATES = ("done", "ignored", "rejected", "failed")
 
 
 def enqueue(runtime: Runtime, raw: bytes, *, channel: str, envelope_from: str,
-            envelope_to: list[str], source_key: str | None = None) -> InboundMessage:
+            envelope_to: list[str], source_key: str | None = None,
+            unreadable: str = "") -> InboundMessage:
     """Store and commit; raises storage.StorageFull/StorageError or a database error, in
-    which case nothing was accepted."""
+    which case nothing was accepted. `unreadable` (a reason) records a message that cannot be
+    processed at all straight as `failed`, so the operator sees it in `spool list`."""
     blob = put_bytes(runtime.spool, raw)
     now = runtime.clock()
+    final = {"state": "failed", "outcome": "unreadable", "reason": unreadable,
+             "finished_at": now} if unreadable else {"state": "queued"}
     try:
         with runtime.db.atomic():
             row = InboundMessage.create(
                 received_at=now, channel=channel, envelope_from=envelope_from,
                 envelope_to=list(envelope_to), size=len(raw), blob_id=blob.blob_id,
                 blob_key=blob.wrapped_key, raw_sha256=hashlib.sha256(raw).hexdigest(),
-                source_key=source_key, state="queued", next_attempt_at=now)
+                source_key=source_key, next_attempt_at=now, **final)
     except BaseException:
         runtime.spool.delete(blob.blob_id)
         raise
-    runtime.wake_worker.set()
+    if not unreadable:
+        runtime.wake_worker.set()
     return row
 
 
@@ -115,11 +120,13 @@ def release(runtime: Runtime, row: InboundMessage) -> None:
 
 
 def requeue(runtime: Runtime, row_id: int) -> bool:
-    """Operator's `spool retry ID`: a failed (or stuck) message is processed again."""
+    """Operator's `spool retry ID`: a failed (or stuck) message is processed again — unless
+    the purge job already deleted its raw message."""
     with runtime.db.atomic():
         n = (InboundMessage.update(state="queued", attempts=0, lease_until=None, claimed_by="",
                                    next_attempt_at=runtime.clock(), finished_at=None)
-             .where((InboundMessage.id == row_id) & (InboundMessage.state << ("failed", "queued")))
+             .where((InboundMessage.id == row_id) & (InboundMessage.state << ("failed", "queued"))
+                    & InboundMessage.purged_at.is_null())
              .execute())
     if n:
         runtime.wake_worker.set()

@@ -28,6 +28,8 @@ def settings(tmp_path):
 
 
 NOTICE_DETAILS = {
+    "reply_not_allowed": {"admins": False},
+    "reply_unknown": {"admins": False},
     "no_recipients": {},
     "bad_recipient": {"address": "dr.smith@@ortho"},
     "own_address": {"address": "share@portal.example"},
@@ -46,6 +48,9 @@ NOTICE_DETAILS = {
 
 # What a member reading each notice must find: the problem and how to fix it.
 NOTICE_SAYS = {
+    "reply_not_allowed": ["Only the person who shared these documents can manage the share",
+                          "nothing was changed"],
+    "reply_unknown": ["did not match any share", "reply to the receipt"],
     "no_recipients": ["To: dr.smith@ortho.example",
                       "share+dr.smith=ortho.example@portal.example"],
     "bad_recipient": ["dr.smith@@ortho", "not a valid e-mail address"],
@@ -201,7 +206,7 @@ def test_every_notice_names_the_problem_and_the_fix(settings, code):
     assert msg["To"] == "jane.doe@clinic.example"
     assert msg["In-Reply-To"] == "<orig@clinic.example>"
     assert msg["Auto-Submitted"] == "auto-replied"
-    if code != "link_undeliverable":
+    if code not in ("link_undeliverable", "reply_not_allowed", "reply_unknown"):
         assert msg["Subject"] == "Your e-mail to share@portal.example could not be shared"
 
 

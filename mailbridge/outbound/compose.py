@@ -23,8 +23,12 @@ SERVICE_NAME = "mailbridge"
 NOTICE_CODES = frozenset({
     "no_recipients", "bad_recipient", "own_address", "too_many_recipients", "no_attachments",
     "disallowed_type", "too_large", "too_large_total", "too_many_parts", "too_deep", "tnef",
-    "unreadable_attachment", "link_undeliverable",
+    "unreadable_attachment", "link_undeliverable", "reply_not_allowed", "reply_unknown",
 })
+
+# Answers to a member's reply command, by command name.
+COMMAND_TEMPLATES = {"revoke": "command_revoke.txt", "resend": "command_resend.txt",
+                     "extend": "command_extend.txt", "status": "status.txt", "help": "help.txt"}
 
 
 def link_email(settings: Settings, *, to: str, link_url: str, clinic_name: str,
@@ -65,6 +69,78 @@ def notice_email(settings: Settings, *, to: str, code: str, details: dict,
                                  dict(to=to, details=details))
     return _message(settings, to=to, subject=subject, text=text, now=now,
                     in_reply_to=in_reply_to)
+
+
+def command_reply_email(settings: Settings, *, to: str, command: str, values: dict,
+                        reply_address: str | None, in_reply_to: str | None,
+                        thread_subject: str | None = None, templates: Path | None = None,
+                        now: dt.datetime | None = None) -> EmailMessage:
+    """The answer to a member's reply command, threaded under their message. `reply_address`
+    (the share's reply+key address, when known) lets them send the next command by replying;
+    `thread_subject` is their message's subject, kept so mail clients group the thread."""
+    subject, text = _render_text(settings, templates, COMMAND_TEMPLATES[command],
+                                 dict(to=to, **values))
+    if thread_subject and thread_subject.strip():
+        subject = reply_subject(thread_subject)
+    return _message(settings, to=to, subject=subject, text=text, now=now,
+                    reply_to=reply_address, in_reply_to=in_reply_to)
+
+
+def reply_subject(subject: str) -> str:
+    subject = _one_line(subject)
+    return subject if subject.lower().startswith("re:") else f"Re: {subject}"
+
+
+def recipient_revoked_email(settings: Settings, *, to: str, clinic_name: str, sender_name: str,
+                            templates: Path | None = None,
+                            now: dt.datetime | None = None) -> EmailMessage:
+    """Tells a recipient their access was withdrawn. No PHI, like the link e-mail: never the
+    subject, the filenames or the note."""
+    values = dict(to=to, clinic_name=_one_line(clinic_name), sender_name=_one_line(sender_name))
+    subject, text = _render_text(settings, templates, "revoked_recipient.txt", values)
+    return _message(settings, to=to, subject=subject, text=text, now=now,
+                    from_name=f"{values['clinic_name']} via {SERVICE_NAME}")
+
+
+def reminder_email(settings: Settings, *, to: str, link_url: str | None, clinic_name: str,
+                   sender_name: str, document_count: int, sent_text: str, deadline_text: str,
+                   templates: Path | None = None, now: dt.datetime | None = None
+                   ) -> EmailMessage:
+    """The one reminder before an unclaimed link expires. No PHI, like the link e-mail. Without
+    `link_url` (the link could not be recovered) it points to the first e-mail instead."""
+    values = dict(to=to, link_url=link_url, clinic_name=_one_line(clinic_name),
+                  sender_name=_one_line(sender_name), document_count=document_count,
+                  sent_text=sent_text, deadline_text=deadline_text)
+    subject, text = _render_text(settings, templates, "reminder.txt", values)
+    html = _render(settings, templates, "reminder.html", values)
+    return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
+                    from_name=f"{values['clinic_name']} via {SERVICE_NAME}")
+
+
+def first_view_email(settings: Settings, *, to: str, sender_name: str, recipient: str,
+                     shared_text: str, opened_text: str, in_reply_to: str | None,
+                     templates: Path | None = None, now: dt.datetime | None = None
+                     ) -> EmailMessage:
+    """Tells the sender a recipient opened the share for the first time; threaded under the
+    receipt (`in_reply_to`)."""
+    values = dict(to=to, sender_name=_one_line(sender_name), recipient=_one_line(recipient),
+                  shared_text=shared_text, opened_text=opened_text)
+    subject, text = _render_text(settings, templates, "first_view.txt", values)
+    return _message(settings, to=to, subject=subject, text=text, now=now,
+                    in_reply_to=in_reply_to)
+
+
+def expiry_summary_email(settings: Settings, *, to: str, sender_name: str,
+                         addresses: list[str], shared_text: str, in_reply_to: str | None,
+                         templates: Path | None = None, now: dt.datetime | None = None
+                         ) -> EmailMessage:
+    """One message per share: which recipients let their link lapse. Threaded under the
+    receipt, so a `resend` reply is matched to the share by its references."""
+    values = dict(to=to, sender_name=_one_line(sender_name), addresses=list(addresses),
+                  shared_text=shared_text)
+    subject, text = _render_text(settings, templates, "expiry_summary.txt", values)
+    return _message(settings, to=to, subject=subject, text=text, now=now,
+                    reply_to=settings.outbound.from_, in_reply_to=in_reply_to)
 
 
 def code_email(settings: Settings, *, to: str, code: str, minutes: int,
@@ -108,7 +184,8 @@ def _render(settings: Settings, templates: Path | None, name: str, values: dict)
     return env.get_template(name).render(
         service_name=SERVICE_NAME, sharing_address=settings.addresses.sharing,
         sharing_local=settings.sharing_local, sharing_domain=settings.sharing_domain,
-        base_url=settings.service.base_url, **values)
+        base_url=settings.service.base_url, claim_hours=f"{settings.shares.claim_hours:g}",
+        **values)
 
 
 def _render_text(settings: Settings, templates: Path | None, name: str,

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 
-from mailbridge import audit
+from mailbridge import notifications
 from mailbridge.db import UNAVAILABLE
 from mailbridge.models import Grant, OutboundMessage
-from mailbridge.outbound import compose, outbox
+from mailbridge.outbound import outbox
 from mailbridge.outbound.mailer import (
     MaildirMailer,
     PermanentFailure,
@@ -100,24 +100,13 @@ def _give_up(runtime: Runtime, row: OutboundMessage, reason: str) -> str:
 
 
 def _link_undeliverable(runtime: Runtime, row: OutboundMessage, reason: str) -> bool:
-    """For a failed link e-mail: mark the grant, audit it, and queue one notice to the sender.
-    Returns whether a notice was queued. Runs in the caller's transaction."""
+    """For a failed link e-mail: mark the grant and tell the sender, once per grant
+    (notifications.link_failed). Runs in the caller's transaction."""
     if row.kind != "link" or row.grant_id is None:
         return False
-    grant = Grant.get_or_none(Grant.id == row.grant_id)
-    if grant is None:
-        return False
-    now = runtime.clock()
-    Grant.update(delivery="failed").where(Grant.id == grant.id).execute()
-    share = grant.share
-    sender = share.sender
-    audit.record("link_undeliverable", now, share=share, grant=grant, member=sender,
-                 detail={"outbound_id": row.id, "attempts": row.attempts, "reason": reason})
-    notice = compose.notice_email(runtime.settings, to=sender.email, code="link_undeliverable",
-                                  details={"address": grant.address, "reason": reason},
-                                  in_reply_to=None, now=now)
-    outbox.enqueue(runtime, notice, kind="notice", to_addr=sender.email, share=share)
-    return True
+    return notifications.link_failed(runtime, row.grant_id, event="link_undeliverable",
+                                     reason=reason,
+                                     detail={"outbound_id": row.id, "attempts": row.attempts})
 
 
 class Dispatcher:

@@ -4,15 +4,22 @@ change that caused them, then claimed, sent and marked by the dispatcher."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
+import re
 from collections.abc import Iterable
 from email.message import EmailMessage
 
 from mailbridge.models import Grant, OutboundMessage, Share
-from mailbridge.runtime import Runtime
+from mailbridge.runtime import Runtime, derive_key
 from mailbridge.storage import seal, unseal
 
 LEASE_SECONDS = 300.0
 MAX_ERROR_CHARS = 500
+
+# Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
+VERP_KINDS = ("link", "reminder")
+_VERP_LOCAL = re.compile(r"bounce\+(\d{1,18})\.([0-9a-f]{10})")
 
 
 def enqueue(runtime: Runtime, msg: EmailMessage, *, kind: str, to_addr: str,
@@ -26,12 +33,38 @@ def enqueue(runtime: Runtime, msg: EmailMessage, *, kind: str, to_addr: str,
     now = runtime.clock()
     # Always CRLF on the wire, whatever policy the message was built with.
     raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-    return OutboundMessage.create(
+    row = OutboundMessage.create(
         created_at=now, kind=kind, share=share, grant=grant, to_addr=to_addr,
         envelope_from=envelope_from or runtime.settings.outbound.from_,
         message_id=str(message_id),
         sealed=seal(runtime.outbox_key, raw, _aad(str(message_id), to_addr)),
         state="queued", attempts=0, next_attempt_at=now)
+    if kind in VERP_KINDS and envelope_from is None:
+        # The id exists only after the insert; same transaction, so no one sees it without.
+        row.envelope_from = verp_address(runtime, row.id)
+        (OutboundMessage.update(envelope_from=row.envelope_from)
+         .where(OutboundMessage.id == row.id).execute())
+    return row
+
+
+def verp_address(runtime: Runtime, outbound_id: int) -> str:
+    """`bounce+<id>.<mac>@<reply_domain>`: the MAC stops forged bounces from failing links."""
+    return (f"bounce+{outbound_id}.{_verp_mac(runtime, outbound_id)}"
+            f"@{runtime.settings.addresses.reply_domain}")
+
+
+def verp_outbound_id(runtime: Runtime, address: str) -> int | None:
+    """The outbound row a bounce address names; None unless it is one we made."""
+    local, _, domain = address.strip().strip("<>").rpartition("@")
+    if domain.lower() != runtime.settings.addresses.reply_domain.lower():
+        return None
+    match = _VERP_LOCAL.fullmatch(local.lower())
+    if match is None:
+        return None
+    outbound_id = int(match[1])
+    if not hmac.compare_digest(match[2], _verp_mac(runtime, outbound_id)):
+        return None
+    return outbound_id
 
 
 def notify(runtime: Runtime) -> None:
@@ -125,6 +158,11 @@ def _set(row: OutboundMessage, **values) -> None:
     OutboundMessage.update(**values).where(OutboundMessage.id == row.id).execute()
     for name, value in values.items():
         setattr(row, name, value)
+
+
+def _verp_mac(runtime: Runtime, outbound_id: int) -> str:
+    key = derive_key(runtime.outbox_key, "verp")  # never the sealing key itself
+    return hmac.new(key, f"bounce {outbound_id}".encode(), hashlib.sha256).hexdigest()[:10]
 
 
 def _aad(message_id: str, to_addr: str) -> bytes:

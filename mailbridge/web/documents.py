@@ -10,6 +10,7 @@ from urllib.parse import quote
 from flask import Blueprint, Flask, Response, abort, render_template, request
 from flask_limiter import Limiter
 
+from mailbridge import notifications
 from mailbridge.filenames import KIND_CONTENT_TYPES
 from mailbridge.models import Document, Grant
 from mailbridge.web import access
@@ -96,6 +97,7 @@ def inline(document_id: int):
     if request.method == "GET":
         access.record("document_viewed", account=current_account(), document=document,
                       share=document.share_id, grant=grant)
+        notifications.first_view(access.runtime(), grant)
     return response
 
 
@@ -107,6 +109,7 @@ def download(document_id: int):
     if request.method == "GET":
         access.record("document_downloaded", account=current_account(), document=document,
                       share=document.share_id, grant=grant)
+        notifications.first_view(access.runtime(), grant)
     return response
 
 
