@@ -236,7 +236,7 @@ def _payload(part: email.message.Message) -> bytes | None:
     return data
 
 
-def _text(part: email.message.Message) -> str:
+def part_text(part: email.message.Message) -> str:
     """A text part's content as str, surviving wrong and unknown charsets."""
     data = _payload(part) or b""
     try:
@@ -434,7 +434,7 @@ def _body_lines(msg: email.message.Message) -> list[str]:
     part = _body_part(msg)
     if part is None:
         return []
-    text = _text(part)
+    text = part_text(part)
     if _content_type(part) == "text/html":
         return [line for line, _ in _html_lines(_visible_html(text))]
     return _plain_lines(part, text[:MAX_BODY_SCAN_CHARS])
@@ -468,7 +468,7 @@ def sender_note(msg: email.message.EmailMessage) -> str:
     part = _body_part(msg)
     if part is None:
         return ""
-    text = _text(part)
+    text = part_text(part)
     if _content_type(part) == "text/html":
         return _html_note(_visible_html(text))
     lines = _plain_lines(part, text[:MAX_NOTE_HTML_CHARS])
@@ -645,7 +645,7 @@ def _walk(msg: email.message.Message,
             continue
         leaves.append(part)
         if _content_type(part) == "text/html" and not _is_document_candidate(part):
-            inline_ids.update(_cid_references(_text(part)))
+            inline_ids.update(_cid_references(part_text(part)))
     return leaves, inline_ids
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from html.parser import HTMLParser
 
+from mailbridge.parse import part_text
+
 COMMANDS = frozenset({"revoke", "status", "resend", "extend", "help"})
 
 # The command sits at the very top; nothing further down is ever needed.
@@ -152,9 +154,9 @@ def _body_texts(msg: email.message.Message) -> tuple[str | None, str | None]:
         if _is_attachment(part):
             continue
         if kind == "text/plain" and plain is None:
-            plain = _part_text(part)
+            plain = part_text(part)
         elif kind == "text/html" and html is None:
-            html = _part_text(part)
+            html = part_text(part)
     return plain, html
 
 
@@ -170,25 +172,6 @@ def _is_attachment(part: email.message.Message) -> bool:
         return part.get_content_disposition() == "attachment"
     except Exception:  # noqa: BLE001
         return False
-
-
-def _part_text(part: email.message.Message) -> str:
-    try:
-        data = part.get_payload(decode=True)
-    except Exception:  # noqa: BLE001
-        return ""
-    if not isinstance(data, bytes):
-        return ""
-    try:
-        charset = part.get_content_charset() or "us-ascii"
-    except Exception:  # noqa: BLE001
-        charset = "us-ascii"
-    for candidate in (charset, "utf-8"):
-        try:
-            return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
-            continue
-    return data.decode("cp1252", "replace")
 
 
 # --- HTML-only replies -------------------------------------------------------------------------
