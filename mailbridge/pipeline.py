@@ -21,27 +21,24 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     settings = runtime.settings
     message = parse.read_message(raw)
 
-    # 0. Bounces to a VERP address come first: a delivery report is exactly what screening
-    #    drops (null sender, multipart/report). It is read, never answered.
-    if route_message(row.envelope_to, settings) is Route.BOUNCE:
-        return bounces.handle_bounce(runtime, row, raw, message)
-
-    # 1. Screen: auto-replies, bounces, lists and our own mail never act and never get a reply.
-    # IMAP intake has no SMTP envelope (its rows store ""): screening then reads Return-Path.
-    envelope_from = None if row.channel == "imap" else row.envelope_from
-    screened = screen.screen(message, envelope_from, row.envelope_to, settings)
-    if screened:
-        return ignore(runtime, row, screened)
-
-    # 2. Route: which of our addresses was this for?
+    # 1. Route: which of our addresses was this for?
     route = route_message(row.envelope_to, settings)
+    if route is Route.BOUNCE:
+        # A delivery report to a VERP address is exactly what screening drops (null sender,
+        # multipart/report): it is read here, before screening, and never answered.
+        return bounces.handle_bounce(runtime, row, raw, message)
     if route is None:
         return ignore(runtime, row, Ignore("not addressed to a mailbridge address"))
     # Mail to the sharing address that answers a receipt or notice of ours is a reply.
     if route is Route.SHARE and commands.answers_us(message, settings):
         route = Route.REPLY
-    if route not in (Route.SHARE, Route.REPLY):
-        return ignore(runtime, row, Ignore(f"{route.value} handling is not enabled"))
+
+    # 2. Screen: auto-replies, bounces, lists and our own mail never act and never get a reply.
+    # IMAP intake has no SMTP envelope (its rows store ""): screening then reads Return-Path.
+    envelope_from = None if row.channel == "imap" else row.envelope_from
+    screened = screen.screen(message, envelope_from, row.envelope_to, settings)
+    if screened:
+        return ignore(runtime, row, screened)
 
     # 3. Identify the sender: an active member whose mail is authenticated (DKIM / trusted AR).
     member = members.find_active(senders.from_address(message))
@@ -54,11 +51,11 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
         return ignore(runtime, row, Ignore(f"sender not authenticated: {auth.reason}"),
                       member=member)
 
-    # A reply: sender checks, the command and its answer, in one transaction.
+    # 4a. A reply: sender checks, the command and its answer, in one transaction.
     if route is Route.REPLY:
         return commands.handle_reply(runtime, row, raw, message, member)
 
-    # 4. Read what the member asked for: recipients, title, note, documents.
+    # 4b. Read what the member asked for: recipients, title, note, documents.
     request = parse.parse_share(message, row.envelope_to, settings)
     if isinstance(request, Reject):
         return reject(runtime, row, request, member, message)
