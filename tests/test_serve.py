@@ -103,6 +103,8 @@ class ServeProcess:
             return True
 
         wait_until(accepting, "the SMTP port to accept connections")
+        # The start-up lines are printed just after intake starts listening.
+        wait_until(lambda: "mailbridge: running" in self.stdout, "the start-up lines")
 
     def signal(self, signum: int, timeout: float = 10.0) -> int:
         self.proc.send_signal(signum)

@@ -1,0 +1,42 @@
+"""The `mailbridge` command: set up, serve, and manage members, shares and the spool."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mailbridge.cli import imap, jobs, members, serve, setup, shares, spool
+from mailbridge.cli.context import Context, pass_ctx
+from mailbridge.config import ConfigError
+
+__all__ = ["DEFAULT_CONFIG", "Context", "cli", "main", "pass_ctx"]
+
+DEFAULT_CONFIG = "config.toml"
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="MAILBRIDGE_CONFIG", default=DEFAULT_CONFIG,
+              show_default=True, help="Path to config.toml (or set MAILBRIDGE_CONFIG).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str) -> None:
+    """mailbridge: share documents by e-mail through a secure portal."""
+    ctx.obj = Context(config_path)
+
+
+cli.add_command(setup.init)
+cli.add_command(setup.db)
+cli.add_command(serve.serve)
+cli.add_command(members.members)
+cli.add_command(shares.shares)
+cli.add_command(spool.spool_group)
+cli.add_command(jobs.jobs_group)
+cli.add_command(imap.imap_group)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"mailbridge: configuration error: {exc}", err=True)
+        sys.exit(2)

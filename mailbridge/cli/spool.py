@@ -1,0 +1,44 @@
+"""`mailbridge spool`: list inbound messages and re-queue failed ones."""
+
+from __future__ import annotations
+
+import click
+
+from mailbridge import spool
+from mailbridge.cli.context import Context, pass_ctx
+from mailbridge.models import InboundMessage
+
+
+@click.group("spool")
+def spool_group() -> None:
+    """Inbound messages."""
+
+
+@spool_group.command("list")
+@click.option("--state", type=click.Choice(["queued", "processing", "done", "ignored",
+                                            "rejected", "failed", "all"]), default="all",
+              show_default=True)
+@click.option("--limit", default=50, show_default=True)
+@pass_ctx
+def spool_list(ctx: Context, state: str, limit: int) -> None:
+    """Recent inbound messages with what became of them."""
+    ctx.ready_runtime()
+    query = InboundMessage.select().order_by(InboundMessage.id.desc()).limit(limit)
+    if state != "all":
+        query = query.where(InboundMessage.state == state)
+    for row in query:
+        click.echo(f"#{row.id}\t{row.received_at:%Y-%m-%d %H:%M:%S}Z\t{row.channel}\t"
+                   f"{row.state}\t{row.outcome}\tattempts {row.attempts}\t"
+                   f"{row.reason.splitlines()[-1] if row.reason else ''}")
+
+
+@spool_group.command("retry")
+@click.argument("message_id", type=int, metavar="ID")
+@pass_ctx
+def spool_retry(ctx: Context, message_id: int) -> None:
+    """Queue a failed message for processing again."""
+    runtime = ctx.ready_runtime()
+    if not spool.requeue(runtime, message_id):
+        raise click.BadParameter(f"no failed message #{message_id} (or its raw message was "
+                                 "purged)", param_hint="ID")
+    click.echo(f"inbound #{message_id} queued again; a running service picks it up")
