@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=2525)
     args = ap.parse_args()
+    missing = [str(p) for p in args.paths if not p.is_file()]
+    if missing:
+        ap.error(f"paths: no such file: {', '.join(missing)}")
     if args.sender:
         if not args.to:
             ap.error("--to is required with --from")
