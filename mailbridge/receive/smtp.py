@@ -19,6 +19,8 @@ from mailbridge.storage import StorageError, StorageFull
 
 log = logging.getLogger(__name__)
 
+HEADER_LIMIT = 1024 * 1024  # more header than this is not a message we will share
+
 # Named replies, so tests and operators can grep for them.
 OK = "250 2.0.0 Message accepted"
 NO_SUCH_ADDRESS = "550 5.1.1 No such address here"
@@ -79,8 +81,11 @@ class IntakeHandler:
 
     @staticmethod
     def _from_member(raw: bytes) -> bool:
-        # Headers only: parsing a 25 MB body just to read From would waste the event's time.
-        headers = BytesHeaderParser(policy=default_policy).parsebytes(raw)
+        # Headers only, and only the header bytes: the parser would otherwise decode the whole
+        # (possibly 80 MB) message into a string just to read From.
+        ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+        head = raw[:min(ends, default=len(raw)) + 4][:HEADER_LIMIT]
+        headers = BytesHeaderParser(policy=default_policy).parsebytes(head)
         return members.find_active(senders.from_address(headers)) is not None
 
 
