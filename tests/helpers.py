@@ -10,6 +10,20 @@ from mailbridge.members import add_member
 
 MEMBER = "jane.doe@clinic.example"
 
+# The smallest config file the command line accepts (data in ./data beside it).
+MINIMAL_CONFIG = """\
+[service]
+base_url = "http://portal.example"
+data_dir = "data"
+
+[addresses]
+sharing = "share@portal.example"
+reply_domain = "reply.portal.example"
+
+[outbound]
+from = "mailbridge@portal.example"
+"""
+
 
 def wire(raw: bytes | EmailMessage) -> bytes:
     """CRLF line ends, as every real SMTP client sends (smtplib passes bytes through as-is)."""

@@ -20,20 +20,7 @@ from mailbridge.config import ConfigError, load_settings
 from mailbridge.runtime import build_runtime
 from mailbridge.schema import LATEST
 from tests.conftest import ROOT, start_service
-from tests.helpers import MEMBER, pdf_bytes, share_message
-
-CONFIG = """\
-[service]
-base_url = "http://portal.example"
-data_dir = "data"
-
-[addresses]
-sharing = "share@portal.example"
-reply_domain = "reply.portal.example"
-
-[outbound]
-from = "mailbridge@portal.example"
-"""
+from tests.helpers import MEMBER, MINIMAL_CONFIG, pdf_bytes, share_message
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +34,7 @@ def no_env_overrides(monkeypatch):
 @pytest.fixture
 def cfg(tmp_path) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(CONFIG)
+    path.write_text(MINIMAL_CONFIG)
     return path
 
 
@@ -137,7 +124,7 @@ def test_uninitialised_database_exits_2_from_the_command_line(cfg):
 
 def test_bad_config_value_exits_2_naming_the_key(tmp_path):
     path = tmp_path / "config.toml"
-    path.write_text(CONFIG + '\n[smtp]\nport = "abc"\n')
+    path.write_text(MINIMAL_CONFIG + '\n[smtp]\nport = "abc"\n')
     proc = mb_process("--config", str(path), "members", "list")
     assert proc.returncode == 2
     assert "[smtp] port" in proc.stderr and "'abc'" in proc.stderr

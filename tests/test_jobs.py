@@ -30,7 +30,7 @@ from mailbridge.models import (
 from mailbridge.runtime import build_runtime
 from mailbridge.storage import StorageError
 from mailbridge.web import access
-from tests.helpers import MEMBER, add_jane, share_message
+from tests.helpers import MEMBER, MINIMAL_CONFIG, add_jane, share_message
 from tests.portal_helpers import make_account, make_app
 from tests.smtp_sink import SmtpSink
 from tests.test_notifications import (
@@ -332,18 +332,6 @@ def test_purge_deletes_only_what_retention_allows(runtime):
 
 # --- the command line ------------------------------------------------------------------------
 
-CONFIG = """\
-[service]
-base_url = "http://portal.example"
-data_dir = "data"
-
-[addresses]
-sharing = "share@portal.example"
-reply_domain = "reply.portal.example"
-
-[outbound]
-from = "mailbridge@portal.example"
-"""
 
 
 def test_jobs_run_prints_the_count_and_jobs_list_names_them(tmp_path, monkeypatch):
@@ -351,7 +339,7 @@ def test_jobs_run_prints_the_count_and_jobs_list_names_them(tmp_path, monkeypatc
         if name.startswith("MAILBRIDGE_"):
             monkeypatch.delenv(name)
     cfg = tmp_path / "config.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(MINIMAL_CONFIG)
     runner = CliRunner()
     assert runner.invoke(cli, ["--config", str(cfg), "init"]).exit_code == 0
     rt = build_runtime(load_settings(cfg, env={}))

@@ -15,6 +15,7 @@ import pytest
 from mailbridge import lifecycle, tokens
 from mailbridge.models import AuditEvent, Grant, OutboundMessage
 from mailbridge.outbound import outbox
+from tests.helpers import MINIMAL_CONFIG
 from tests.portal_helpers import (
     START,
     claim,
@@ -324,18 +325,6 @@ def test_status_report_tells_each_recipients_story_in_the_clinic_time_zone(rt):
 
 # --- the same operations for operators: `mailbridge shares ...` ----------------------------------
 
-CLI_CONFIG = """\
-[service]
-base_url = "http://portal.example"
-data_dir = "data"
-
-[addresses]
-sharing = "share@portal.example"
-reply_domain = "reply.portal.example"
-
-[outbound]
-from = "mailbridge@portal.example"
-"""
 
 
 @pytest.fixture
@@ -350,7 +339,7 @@ def operator(tmp_path, monkeypatch):
     for name in [n for n in os.environ if n.startswith("MAILBRIDGE_")]:
         monkeypatch.delenv(name)
     cfg = tmp_path / "config.toml"
-    cfg.write_text(CLI_CONFIG)
+    cfg.write_text(MINIMAL_CONFIG)
 
     def run(*args: str):
         return CliRunner().invoke(cli, ["--config", str(cfg), *args])
