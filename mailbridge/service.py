@@ -40,6 +40,7 @@ class Service:
                                      port=runtime.settings.web.port, threads=8,
                                      ident="mailbridge")
         self._web_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         version = schema.current_version(self.runtime.db)
@@ -53,12 +54,21 @@ class Service:
         if self.scheduler:
             self.scheduler.start()
         if self.web:
-            self._web_thread = threading.Thread(target=self.web.run, name="mailbridge-web",
+            self._web_thread = threading.Thread(target=self._serve_web, name="mailbridge-web",
                                                 daemon=True)
             self._web_thread.start()
         if self.imap:
             self.imap.start()
         self.smtp.start()  # last: accept mail only once everything behind it runs
+
+    def _serve_web(self) -> None:
+        try:
+            self.web.run()
+        except OSError:
+            # Closing waitress's sockets from another thread can interrupt its select() with
+            # EBADF; that is the stop we asked for, not a failure.
+            if not self._stopping.is_set():
+                raise
 
     @property
     def smtp_port(self) -> int:
@@ -81,5 +91,8 @@ class Service:
             self.scheduler.shutdown(wait=True)
         self.dispatcher.stop(timeout)
         if self.web:
+            self._stopping.set()
             self.web.close()
+            if self._web_thread is not None:
+                self._web_thread.join(2.0)  # keep-alive clients may hold it; it is a daemon
         self.runtime.db.close()
