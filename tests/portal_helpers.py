@@ -62,12 +62,16 @@ def make_account(runtime, address: str, password: str = PASSWORD) -> Account:
                           verified_at=now)
 
 
+def form_token(page: str) -> str:
+    """The CSRF token of the (first) form in a rendered page."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "no form with a CSRF token on the page"
+    return match.group(1)
+
+
 def csrf(client, path: str) -> str:
     """The CSRF token from the form on `path` (as a browser would have it)."""
-    page = client.get(path).get_data(as_text=True)
-    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
-    assert match, f"no form with a CSRF token on {path}"
-    return match.group(1)
+    return form_token(client.get(path).get_data(as_text=True))
 
 
 def sign_in(client, address: str, password: str = PASSWORD):

@@ -4,7 +4,6 @@ nothing from revoked, expired, unclaimed or other people's shares."""
 from __future__ import annotations
 
 import datetime as dt
-import re
 
 import pytest
 
@@ -12,6 +11,7 @@ from mailbridge.models import AuditEvent, Document, Grant, WebSession
 from tests.helpers import pdf_bytes
 from tests.portal_helpers import (
     claim,
+    form_token,
     make_account,
     make_app,
     make_share,
@@ -22,10 +22,6 @@ from tests.portal_helpers import (
 SMITH = "dr.smith@ortho.example"
 JONES = "dr.jones@ortho.example"
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
-
-
-def form_token(page: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
 
 
 @pytest.fixture

@@ -28,7 +28,15 @@ from mailbridge.models import (
 from mailbridge.outbound import outbox
 from mailbridge.web import create_app
 from tests.helpers import add_jane
-from tests.portal_helpers import PASSWORD, csrf, make_account, make_app, make_share, portal_runtime
+from tests.portal_helpers import (
+    PASSWORD,
+    csrf,
+    form_token,
+    make_account,
+    make_app,
+    make_share,
+    portal_runtime,
+)
 
 
 @pytest.fixture
@@ -290,7 +298,7 @@ def test_someone_else_signed_in_sees_nothing_of_the_share_and_cannot_claim(flow)
     event = AuditEvent.get(AuditEvent.kind == "access_denied")
     assert event.detail == {"reason": "wrong_account"} and event.grant_id == flow.grant.id
 
-    token = re.search(r'name="csrf_token" value="([^"]+)"', text).group(1)
+    token = form_token(text)
     for action in ("claim", "code", "signin", "register"):
         refused = flow.client.post(f"/s/{flow.token}/{action}",
                                    data={"csrf_token": token, "password": PASSWORD})
