@@ -6,7 +6,6 @@ threads, the worker and the web server can share one file; PostgreSQL uses the s
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import peewee
@@ -37,13 +36,6 @@ def open_database(url: str) -> peewee.Database:
         db = connect(url.replace("postgres://", "postgresql://", 1), autoconnect=True)
     db.bind(models.ALL_MODELS, bind_refs=False, bind_backrefs=False)
     return db
-
-
-@contextmanager
-def transaction(db: peewee.Database):
-    """One write transaction; on SQLite it takes the write lock up front (no upgrade deadlock)."""
-    with db.atomic():
-        yield
 
 
 def is_postgres(db: peewee.Database) -> bool:
