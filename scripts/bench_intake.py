@@ -381,19 +381,24 @@ def run(args: argparse.Namespace, workdir: Path, processes: list[subprocess.Pope
     report(args, bare, accept, intake, mem)
 
 
-def main() -> int:
-    args = parse_args()
+def run_benchmark(name: str, args: argparse.Namespace, run_in) -> int:
+    """Run `run_in(args, workdir, processes)` in a temporary directory; every process it
+    started is stopped afterwards, and a BenchError becomes a FAILED line and exit code 1."""
     processes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="mailbridge-bench-") as tmp:
         try:
-            run(args, Path(tmp), processes)
+            run_in(args, Path(tmp), processes)
         except BenchError as exc:
-            print(f"bench_intake: FAILED: {exc}", file=sys.stderr)
+            print(f"{name}: FAILED: {exc}", file=sys.stderr)
             return 1
         finally:
             for proc in processes:
                 stop_process(proc)
     return 0
+
+
+def main() -> int:
+    return run_benchmark("bench_intake", parse_args(), run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import smtplib
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -46,10 +45,10 @@ from bench_intake import (  # noqa: E402
     log_tail,
     pdf_bytes,
     percentile,
+    run_benchmark,
     set_up,
     share_message,
     start_serve,
-    stop_process,
     write_config,
 )
 
@@ -238,18 +237,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> int:
-    args = parse_args()
-    processes: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="mailbridge-bench-") as tmp:
-        try:
-            run(args, Path(tmp), processes)
-        except BenchError as exc:
-            print(f"bench_revoke: FAILED: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            for proc in processes:
-                stop_process(proc)
-    return 0
+    return run_benchmark("bench_revoke", parse_args(), run)
 
 
 if __name__ == "__main__":
