@@ -107,7 +107,7 @@ def env_for(server, user, tmp_path, **extra) -> dict[str, str]:
 
 def test_appended_message_becomes_a_share_with_link_emails(server, user, services, tmp_path,
                                                            sqlite_url, keyring):
-    running = services(sqlite_url, env_for(server, user, tmp_path))
+    running = services(sqlite_url, env_for(server, user, tmp_path, poll_seconds="5"))
     add_jane()
     recipients = ["dr.smith@ortho.example", "counsel@law.example"]
     server.append(signed(keyring, share_message(recipients=recipients)), user=user)

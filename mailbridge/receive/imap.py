@@ -282,7 +282,8 @@ class ImapPoller:
                      f"polled every {imap.poll_seconds:g} s")
         while not self._stop.is_set():
             if client.has_capability("IDLE"):
-                self._idle(client)
+                # A notification lost in a race with the last pass costs at most poll_seconds.
+                self._idle(client, min(self.idle_refresh, imap.poll_seconds))
             else:
                 self._stop.wait(imap.poll_seconds)
             if self._stop.is_set():
@@ -290,12 +291,12 @@ class ImapPoller:
             self.totals.merge(drain_until_quiet(self.runtime, client, folders, mailbox,
                                                 self._stop))
 
-    def _idle(self, client: IMAPClient) -> None:
-        """Return when new mail is announced, the IDLE is due for renewal, or on stop."""
+    def _idle(self, client: IMAPClient, longest: float) -> None:
+        """Return when new mail is announced, after `longest` seconds, or on stop."""
         client.idle()
         started = time.monotonic()
         try:
-            while not self._stop.is_set() and time.monotonic() - started < self.idle_refresh:
+            while not self._stop.is_set() and time.monotonic() - started < longest:
                 checked = time.monotonic()
                 responses = client.idle_check(timeout=TICK_SECONDS)
                 if any(r and r[0] == b"BYE" for r in responses):
