@@ -69,6 +69,12 @@ def form_token(page: str) -> str:
     return match.group(1)
 
 
+def without_csrf(page) -> bytes:
+    """A response's body with its CSRF token removed: the token is signed with a timestamp,
+    so two renders of the same page a second apart differ there and only there."""
+    return re.sub(rb'name="csrf_token" value="[^"]+"', b"", page.get_data())
+
+
 def csrf(client, path: str) -> str:
     """The CSRF token from the form on `path` (as a browser would have it)."""
     return form_token(client.get(path).get_data(as_text=True))
