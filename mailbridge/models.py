@@ -54,6 +54,10 @@ class InboundMessage(BaseModel):
     channel = pw.CharField(max_length=16)  # smtp | imap
     envelope_from = pw.CharField(max_length=320, default="")
     envelope_to = JSONField(default=list)
+    # Where it came from: the SMTP client's IP ("" for IMAP) and how (SMTP, ESMTP, ESMTPS,
+    # IMAP); the client decides whether Authentication-Results headers can be trusted.
+    client_ip = pw.CharField(max_length=64, default="")
+    protocol = pw.CharField(max_length=16, default="")
     size = pw.BigIntegerField()
     blob_id = pw.CharField(max_length=64)
     blob_key = pw.BlobField()
@@ -70,7 +74,7 @@ class InboundMessage(BaseModel):
     purged_at = pw.DateTimeField(null=True)
 
     class Meta:
-        indexes = ((("state", "next_attempt_at"), False),)
+        indexes = ((("state", "next_attempt_at"), False), (("client_ip", "received_at"), False))
 
 
 class Share(BaseModel):

@@ -36,10 +36,26 @@ def _v3_lifecycle(db: peewee.Database) -> None:
             migrate(migrator.add_column("grant", name, getattr(models.Grant, name)))
 
 
+def _v4_intake_origin(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    present = {c.name for c in db.get_columns("inbound_message")}
+    for name in ("client_ip", "protocol"):
+        if name not in present:
+            migrate(migrator.add_column("inbound_message", name,
+                                        getattr(models.InboundMessage, name)))
+    # Version 1 creates tables from today's models, which already have the index.
+    if "inbound_message_client_ip_received_at" not in {
+            i.name for i in db.get_indexes("inbound_message")}:
+        migrate(migrator.add_index("inbound_message", ("client_ip", "received_at"), False))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
     (3, "reminders and sender notifications on grants", _v3_lifecycle),
+    (4, "where each inbound message came from (client IP, protocol)", _v4_intake_origin),
 ]
 LATEST = MIGRATIONS[-1][0]
 

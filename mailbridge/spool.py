@@ -20,7 +20,7 @@ FINAL_STATES = ("done", "ignored", "rejected", "failed")
 
 def enqueue(runtime: Runtime, raw: bytes, *, channel: str, envelope_from: str,
             envelope_to: list[str], source_key: str | None = None,
-            unreadable: str = "") -> InboundMessage:
+            unreadable: str = "", client_ip: str = "", protocol: str = "") -> InboundMessage:
     """Store and commit; raises storage.StorageFull/StorageError or a database error, in
     which case nothing was accepted. `unreadable` (a reason) records a message that cannot be
     processed at all straight as `failed`, so the operator sees it in `spool list`."""
@@ -32,7 +32,8 @@ def enqueue(runtime: Runtime, raw: bytes, *, channel: str, envelope_from: str,
         with runtime.db.atomic():
             row = InboundMessage.create(
                 received_at=now, channel=channel, envelope_from=envelope_from,
-                envelope_to=list(envelope_to), size=len(raw), blob_id=blob.blob_id,
+                envelope_to=list(envelope_to), client_ip=client_ip, protocol=protocol,
+                size=len(raw), blob_id=blob.blob_id,
                 blob_key=blob.wrapped_key, raw_sha256=hashlib.sha256(raw).hexdigest(),
                 source_key=source_key, next_attempt_at=now, **final)
     except BaseException:

@@ -51,6 +51,7 @@ def test_member_message_is_committed_before_250(intake):
     row = InboundMessage.get()
     assert row.state == "queued" and row.channel == "smtp"
     assert row.envelope_from == MEMBER and row.envelope_to == [SHARING]
+    assert row.client_ip == "127.0.0.1" and row.protocol == "ESMTP"
     stored = spool.read_raw(rt, row).replace(b"\r\n", b"\n").rstrip()
     assert stored == raw.replace(b"\r\n", b"\n").rstrip()
 

@@ -129,7 +129,7 @@ def _spool(runtime: Runtime, raw: bytes, key: str, to: list[str], reason: str) -
     """True when spooled; False when another poller spooled the same key first."""
     try:
         spool.enqueue(runtime, raw, channel="imap", envelope_from="", envelope_to=to,
-                      source_key=key, unreadable=reason)
+                      source_key=key, unreadable=reason, protocol="IMAP")
     except peewee.IntegrityError:
         if InboundMessage.get_or_none(InboundMessage.source_key == key) is None:
             raise

@@ -53,9 +53,11 @@ class IntakeHandler:
     async def handle_DATA(self, server, session, envelope):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.accept, envelope.mail_from or "",
-                                          list(envelope.rcpt_tos), envelope.original_content)
+                                          list(envelope.rcpt_tos), envelope.original_content,
+                                          client_ip(session), protocol(session))
 
-    def accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes) -> str:
+    def accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes, client: str = "",
+               proto: str = "SMTP") -> str:
         """Runs in a worker thread: member check, then spool and commit."""
         settings = self.runtime.settings
         needs_member = any(classify_address(a, settings) in (Route.SHARE, Route.REPLY)
@@ -65,7 +67,7 @@ class IntakeHandler:
                 log.info("smtp: refused a message from a non-member")
                 return NOT_A_MEMBER
             row = spool.enqueue(self.runtime, raw, channel="smtp", envelope_from=mail_from,
-                                envelope_to=rcpt_tos)
+                                envelope_to=rcpt_tos, client_ip=client, protocol=proto)
         except StorageFull:
             log.error("smtp: spool storage is full; answered 452")
             return DISK_FULL
@@ -87,6 +89,19 @@ class IntakeHandler:
         head = raw[:min(ends, default=len(raw)) + 4][:HEADER_LIMIT]
         headers = BytesHeaderParser(policy=default_policy).parsebytes(head)
         return members.find_active(senders.from_address(headers)) is not None
+
+
+def client_ip(session) -> str:
+    peer = getattr(session, "peer", None)
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
+def protocol(session) -> str:
+    """The RFC 3848 protocol name for the Received header and the audit trail."""
+    extended = getattr(session, "extended_smtp", False)
+    if getattr(session, "ssl", None) is not None:
+        return "ESMTPS" if extended else "SMTPS"
+    return "ESMTP" if extended else "SMTP"
 
 
 class IntakeController(Controller):
