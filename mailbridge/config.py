@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -122,6 +123,9 @@ class RetentionSettings:
 class SenderSettings:
     require_authentication: bool = True
     trusted_authserv_ids: tuple[str, ...] = ()
+    # SMTP clients (IPs or networks) that can be the MTA writing those Authentication-Results:
+    # by default an MTA on this host. Mail from anyone else is judged by our own DKIM check.
+    trusted_relays: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -418,6 +422,12 @@ def validate(s: Settings) -> None:
     if unknown:
         raise ConfigError(f"[limits] allowed_types: unknown type(s) {sorted(unknown)}; "
                           f"known: {', '.join(DEFAULT_ALLOWED_TYPES)}")
+    for net in s.senders.trusted_relays:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"[senders] trusted_relays: {net!r} is not an IP address or "
+                              "network (e.g. \"192.0.2.10\" or \"10.0.0.0/8\")") from None
     if s.worker.lease_seconds <= 0:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
     _validate_imap(s.imap)

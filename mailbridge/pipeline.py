@@ -12,7 +12,7 @@ from mailbridge import members, parse, screen, senders
 from mailbridge.actions import bounces, commands, share
 from mailbridge.models import InboundMessage
 from mailbridge.outcomes import Ignore, Outcome, Reject, TempFail
-from mailbridge.respond import ignore, reject
+from mailbridge.respond import ignore, record_forgery, reject
 from mailbridge.route import Route, route_message
 from mailbridge.runtime import Runtime
 
@@ -44,7 +44,11 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     member = members.find_active(senders.from_address(message))
     if member is None:
         return ignore(runtime, row, Ignore("sender is not an active member"))
-    auth = senders.authenticate(raw, message, settings, dnsfunc=runtime.dnsfunc)
+    trusted = senders.headers_trusted(row.channel, row.client_ip, settings)
+    auth = senders.authenticate(raw, message, settings, dnsfunc=runtime.dnsfunc,
+                                trust_headers=trusted)
+    if auth.forged:  # recorded whatever the outcome: someone tried to pass as our MTA
+        record_forgery(runtime, row, member, auth.forged)
     if not auth.ok and auth.temporary:  # DNS timed out: the worker retries later
         return TempFail(f"sender authentication incomplete: {auth.reason}")
     if not auth.ok:

@@ -29,6 +29,15 @@ def ignore(runtime: Runtime, row: InboundMessage, outcome: Ignore,
     return outcome
 
 
+def record_forgery(runtime: Runtime, row: InboundMessage, member: Member, count: int) -> None:
+    """Authentication-Results claiming our trusted MTA's id where it cannot have written them:
+    ignored by `senders`, kept here as evidence."""
+    with runtime.db.atomic():
+        audit.record("authentication_forged", runtime.clock(), actor=member.email,
+                     member=member, inbound=row, detail={"fields": count})
+    log.warning("inbound #%d: %d forged Authentication-Results field(s) ignored", row.id, count)
+
+
 def reject(runtime: Runtime, row: InboundMessage, outcome: Reject, member: Member,
            message: EmailMessage) -> Reject:
     now = runtime.clock()

@@ -28,6 +28,15 @@ AUTO_REPLY_SUBJECT = re.compile(
     # Lotus Notes: "AUTO: Jane Doe is out of the office"; "Auto:" alone is too common.
     r"|^auto:.*\bout of (the )?office\b"
 )
+# Looser than AUTO_REPLY_SUBJECT (no colon needed), so only trusted together with
+# X-Auto-Response-Suppress: "Out of Office", "Out of office - back Monday", "Jane is out of
+# the office" — but not "Out of office visit notes", which a person wrote.
+AUTO_REPLY_HINT = re.compile(
+    r"^(?:out of (?:the )?office|ooo|automatic reply|auto[- ]?reply|autoreply|on vacation"
+    r"|vacation reply|away from (?:the )?office|abwesend|abwesenheit|absence"
+    r"|réponse automatique|respuesta automática|fuera de la oficina|risposta automatica)"
+    r"(?:\s*[:\-–(]|\s*$)"
+    r"|\bis (?:currently )?(?:out of (?:the )?office|on vacation|away)\b")
 BOUNCE_SUBJECT = re.compile(
     r"^(undeliverable:|undelivered mail returned to sender|delivery status notification"
     r"|mail delivery failed|returned mail:|failure notice)"
@@ -115,8 +124,20 @@ def auto_reply_header(msg, envelope_from: str | None, settings) -> str | None:
 
 
 def precedence(msg, envelope_from: str | None, settings) -> str | None:
-    value = _first_token(_header(msg, "Precedence"))
-    return f"precedence-{value}" if value in ("bulk", "junk", "list") else None
+    for name in ("Precedence", "X-Precedence"):
+        value = _first_token(_header(msg, name))
+        if value in ("bulk", "junk", "list", "auto_reply"):
+            return f"precedence-{value.replace('_', '-')}"
+    return None
+
+
+def suppressed_auto_reply(msg, envelope_from: str | None, settings) -> str | None:
+    # Exchange marks ordinary mail with X-Auto-Response-Suppress too, so the header counts
+    # only together with a subject that reads like an auto-reply anywhere in it.
+    if not _present(msg, "X-Auto-Response-Suppress"):
+        return None
+    subject = unicodedata.normalize("NFC", _header(msg, "Subject")).casefold()
+    return "auto-reply-suppressed" if AUTO_REPLY_HINT.search(subject) else None
 
 
 def mailing_list(msg, envelope_from: str | None, settings) -> str | None:
@@ -150,6 +171,7 @@ CHECKS: tuple[Callable[..., str | None], ...] = (
     mailing_list,
     system_sender,
     subject_marker,
+    suppressed_auto_reply,
 )
 
 

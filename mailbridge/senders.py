@@ -6,18 +6,25 @@ address is authenticated (see the sender-identity row of the design brief).
 
 from __future__ import annotations
 
+import email.header
 import email.utils
+import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import authres
 import dkim
 from dkim.dnsplug import get_txt
 from dkim.util import InvalidTagValueList, parse_tag_value
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 
+from mailbridge import trusted_headers
+from mailbridge.trusted_headers import aligned, clean_domain, printable
+
 DnsFunc = Callable[..., bytes | None]
+
+__all__ = ["AuthResult", "aligned", "authenticate", "from_address", "headers_trusted",
+           "verify_dkim"]
 
 
 @dataclass(frozen=True)
@@ -25,66 +32,122 @@ class AuthResult:
     """`reason` is short and carries domains at most, never addresses or content.
 
     `temporary` is true when the only obstacle was a DNS timeout: retrying later may pass.
+    `forged` counts Authentication-Results fields that claimed a trusted authserv-id but
+    cannot have come from that server (recorded as a forgery attempt).
     """
 
     ok: bool
     method: str  # "dkim", "authentication-results", "not-required", or "" when not ok
     reason: str
     temporary: bool = False
+    forged: int = 0
 
 
 # --- the From address ----------------------------------------------------------------------
+#
+# Parsers disagree about malformed From fields: Python reads `pat@clinic.example
+# <eve@evil.example>` as pat, DMARC checkers as eve. Only the forms every parser reads the
+# same way are accepted: `addr`, `addr (comment)`, `<addr>`, `Display Name <addr>` and
+# `"Quoted Name" <addr>` — and the display name must not itself look like another address.
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_ADDR = rf"{_DOT_ATOM}@{_DOT_ATOM}"
+_QUOTED = r'"(?:[^"\\\r\n]|\\[^\r\n])*"'
+_PHRASE = rf"(?:{_ATEXT}|\.)+(?:[ \t]+(?:{_ATEXT}|\.)+)*"
+_COMMENT = r"\([^()<>@\\\"]*\)"
+_NAME_ADDR = re.compile(rf"[ \t]*(?P<name>{_QUOTED}|{_PHRASE})?[ \t]*<(?P<addr>{_ADDR})>[ \t]*")
+_BARE_ADDR = re.compile(rf"[ \t]*(?P<addr>{_ADDR})[ \t]*(?:{_COMMENT}[ \t]*)?")
+_LOOKS_LIKE_ADDRESS = re.compile(r"[^\s@<>\"]+@[^\s@<>\"]+\.[^\s@<>\"]+")
 
 
-def _validated_from(msg) -> ValidatedEmail | None:
+def _raw_from(msg) -> str | None:
+    """The one From field as received, unfolded; None if there is not exactly one."""
+    try:
+        values = [value for name, value in msg.raw_items() if name.lower() == "from"]
+    except Exception:  # noqa: BLE001 - the stdlib's parser can trip over hostile headers
+        return None
+    if len(values) != 1 or not isinstance(values[0], str):
+        return None
+    return re.sub(r"\r?\n(?=[ \t])", "", values[0]).strip("\r\n")
+
+
+def _display_text(name: str) -> str:
+    if name.startswith('"'):
+        name = re.sub(r"\\(.)", r"\1", name[1:-1])
+    try:
+        return str(email.header.make_header(email.header.decode_header(name)))
+    except Exception:  # noqa: BLE001 - unknown charsets, broken words: keep the text
+        return name
+
+
+def _unambiguous_addr(raw: str) -> str | None:
+    """The address of a From field that every parser reads the same way, else None."""
+    match = _NAME_ADDR.fullmatch(raw) or _BARE_ADDR.fullmatch(raw)
+    if match is None:
+        return None
+    addr = match.group("addr")
+    name = match.groupdict().get("name") or ""
+    for shown in _LOOKS_LIKE_ADDRESS.findall(_display_text(name)):
+        if shown.strip(".,;:'()[]").lower() != addr.lower():
+            return None  # a display name that is itself another address
+    return addr
+
+
+def _stdlib_addr(msg) -> str | None:
     try:
         values = msg.get_all("From") or []
         if len(values) != 1:
             return None
         addresses = getattr(values[0], "addresses", None)
         if addresses is None:  # a compat32 message gives plain strings
-            candidates = [a for _, a in email.utils.getaddresses([str(values[0])]) if a]
+            found = [a for _, a in email.utils.getaddresses([str(values[0])]) if a]
         else:
-            candidates = [a.addr_spec for a in addresses]
-    except Exception:  # the stdlib's address parser can trip over hostile headers
+            found = [a.addr_spec for a in addresses]
+    except Exception:  # noqa: BLE001
         return None
-    if len(candidates) != 1:
+    return found[0] if len(found) == 1 else None
+
+
+def _validated_from(msg) -> ValidatedEmail | None:
+    raw = _raw_from(msg)
+    addr = _unambiguous_addr(raw) if raw is not None else None
+    if addr is None:
+        return None
+    # The parser the rest of the code (and the MTA in front) uses must read the same address.
+    parsed = _stdlib_addr(msg)
+    if parsed is None or parsed.lower() != addr.lower():
         return None
     try:
-        return validate_email(candidates[0], check_deliverability=False)
+        return validate_email(addr, check_deliverability=False)
     except EmailNotValidError:
         return None
 
 
 def from_address(msg) -> str | None:
-    """The single From address, lower-cased; None if it is missing, repeated or invalid."""
+    """The single From address, lower-cased; None if it is missing, repeated, invalid, or
+    written so that different parsers could read different addresses."""
     validated = _validated_from(msg)
     return validated.normalized.lower() if validated else None
 
 
-# --- alignment -----------------------------------------------------------------------------
+# --- where trusted headers can come from ---------------------------------------------------
 
 
-def _clean_domain(value: str) -> str:
-    return value.strip().strip(".").lower()
-
-
-def aligned(from_domain: str, signing_domain: str) -> bool:
-    """Relaxed alignment, approximated without a public-suffix list.
-
-    The signer must control `signing_domain`'s DNS, so accepting a parent domain is safe as
-    long as it is not a bare top-level label.
-    """
-    d = _clean_domain(signing_domain)
-    f = _clean_domain(from_domain)
-    if not d or "." not in d:
+def headers_trusted(channel: str, client_ip: str, settings) -> bool:
+    """Can the trusted MTA have written this message's Authentication-Results? Over IMAP the
+    configured provider delivered it; over SMTP only a client in `[senders] trusted_relays`
+    (the MTA in front of us) can be that server. Mail straight from the internet cannot."""
+    if channel == "imap":
+        return True
+    try:
+        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+    except ValueError:
         return False
-    return f == d or f.endswith("." + d)
-
-
-def _printable(value: str, limit: int = 80) -> str:
-    # Reasons end up in logs and audit rows; tag values come from the sender.
-    return re.sub(r"[^\x21-\x7e]", "?", value)[:limit]
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in ipaddress.ip_network(net, strict=False)
+               for net in settings.senders.trusted_relays)
 
 
 # --- DKIM ----------------------------------------------------------------------------------
@@ -108,7 +171,7 @@ _ACCEPTED_ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256")
 
 
 def _signature_problem(tags: dict, from_domain: str) -> str | None:
-    d = _printable(tags.get(b"d", b"").decode("ascii", "replace"))
+    d = printable(tags.get(b"d", b"").decode("ascii", "replace"))
     if b"l" in tags:
         # With l= anyone can append content after the signed part of the body.
         return "dkim l= tag present"
@@ -144,7 +207,7 @@ def verify_dkim(raw: bytes, from_domain: str, dnsfunc: DnsFunc | None = None) ->
         if problem:
             reasons.append(problem)
             continue
-        d = _clean_domain(_printable(tags[b"d"].decode("ascii", "replace")))
+        d = clean_domain(printable(tags[b"d"].decode("ascii", "replace")))
         try:
             verified = verifier.verify(idx=idx, dnsfunc=lookup)
         except Exception:  # malformed tags, unusable keys, resolver errors: not proven
@@ -156,87 +219,32 @@ def verify_dkim(raw: bytes, from_domain: str, dnsfunc: DnsFunc | None = None) ->
     return AuthResult(False, "", "; ".join(unique), temporary=bool(timeouts))
 
 
-# --- Authentication-Results ----------------------------------------------------------------
-
-
-def _property(result, ptype: str, name: str) -> str | None:
-    for prop in getattr(result, "properties", ()):
-        if prop.type == ptype and prop.name == name and prop.value:
-            return str(prop.value)
-    return None
-
-
-def _judge(result, from_domain: str) -> str | None:
-    """A short reason if this result clause proves `from_domain`, else None."""
-    method = getattr(result, "method", "")
-    if getattr(result, "result", "") != "pass":
-        return None
-    if method == "dmarc":
-        header_from = _property(result, "header", "from")
-        if header_from is None or _clean_domain(header_from) == _clean_domain(from_domain):
-            return f"dmarc pass for {from_domain}"
-        return None
-    if method == "dkim":
-        d = _property(result, "header", "d")
-        if d is None:
-            identity = _property(result, "header", "i")
-            d = identity.rsplit("@", 1)[-1] if identity else None
-        if d and aligned(from_domain, d):
-            return f"dkim pass reported for d={_printable(_clean_domain(d))}"
-    return None
-
-
-def check_authentication_results(msg, from_domain: str,
-                                 trusted_ids: Iterable[str]) -> AuthResult:
-    """Pass if an Authentication-Results header from a trusted authserv-id proves the domain.
-
-    Headers from any other authserv-id are ignored: the sender could have written them.
-    """
-    trusted = {_clean_domain(t) for t in trusted_ids if t.strip()}
-    if not trusted:
-        return AuthResult(False, "", "no trusted authserv-id configured")
-    try:
-        values = [str(v) for v in msg.get_all("Authentication-Results") or []]
-    except Exception:  # hostile header values can trip the stdlib's header parser
-        values = []
-    seen_trusted = False
-    for value in values:
-        try:
-            header = authres.parse_value(re.sub(r"\r?\n", "", value))
-        except Exception:  # authres raises several error types on garbage
-            continue
-        if _clean_domain(header.authserv_id or "") not in trusted:
-            continue
-        seen_trusted = True
-        for result in header.results:
-            reason = _judge(result, from_domain)
-            if reason:
-                return AuthResult(True, "authentication-results", reason)
-    if seen_trusted:
-        return AuthResult(False, "", "trusted authentication-results show no aligned pass")
-    return AuthResult(False, "", "no trusted authentication-results")
-
-
 # --- the decision --------------------------------------------------------------------------
 
 
-def authenticate(raw: bytes, msg, settings, dnsfunc: DnsFunc | None = None) -> AuthResult:
+def authenticate(raw: bytes, msg, settings, dnsfunc: DnsFunc | None = None, *,
+                 trust_headers: bool = True) -> AuthResult:
     """Is the single From address proven? Never raises.
 
-    The trusted MTA's verdict is checked first because it needs no DNS; our own DKIM check
-    follows. `dnsfunc` replaces dkimpy's DNS lookup (tests only; None means real DNS).
+    The trusted MTA's own Authentication-Results come first (no DNS needed); when they
+    judged DKIM or DMARC and it is not a pass, that is final. Without such a verdict our own
+    DKIM check decides. `trust_headers` is `headers_trusted(...)` for the message's origin.
+    `dnsfunc` replaces dkimpy's DNS lookup (tests only; None means real DNS).
     """
     if not settings.senders.require_authentication:
         return AuthResult(True, "not-required", "authentication not required by configuration")
     validated = _validated_from(msg)
     if validated is None:
-        return AuthResult(False, "", "no single valid from address")
+        return AuthResult(False, "", "no single unambiguous from address")
     domain = validated.ascii_domain.lower()
-    by_header = check_authentication_results(msg, domain, settings.senders.trusted_authserv_ids)
-    if by_header.ok:
-        return by_header
+    verdict = trusted_headers.judge(msg, domain, settings.senders.trusted_authserv_ids,
+                                    trust=trust_headers)
+    if verdict.proven is True:
+        return AuthResult(True, "authentication-results", verdict.reason, forged=verdict.forged)
+    if verdict.proven is False:
+        return AuthResult(False, "", verdict.reason, forged=verdict.forged)
     by_dkim = verify_dkim(raw, domain, dnsfunc)
     if by_dkim.ok:
-        return by_dkim
-    return AuthResult(False, "", f"{by_dkim.reason}; {by_header.reason}",
-                      temporary=by_dkim.temporary)
+        return AuthResult(True, "dkim", by_dkim.reason, forged=verdict.forged)
+    return AuthResult(False, "", f"{by_dkim.reason}; {verdict.reason}",
+                      temporary=by_dkim.temporary, forged=verdict.forged)

@@ -87,6 +87,27 @@ def test_harmless_headers_pass(cfg, extra):
 
 
 @pytest.mark.parametrize("subject", [
+    "Out of Office",
+    "Out of office - back Monday 2 Dec",
+    "OOO: Jane Doe",
+    "Jane Doe is out of the office",
+    "Abwesend: bis 3.12.",
+])
+def test_suppress_header_with_an_auto_reply_subject_is_ignored(cfg, subject):
+    raw = ORDINARY.replace("Subject: Plan of care for review",
+                           f"Subject: {subject}\nX-Auto-Response-Suppress: All")
+    assert reason(parse(raw.encode()), cfg) == "auto-reply-suppressed"
+
+
+@pytest.mark.parametrize("subject", ["Out of office visit notes for review",
+                                     "Plan of care, patient on vacation next week"])
+def test_suppress_header_with_a_persons_subject_passes(cfg, subject):
+    raw = ORDINARY.replace("Subject: Plan of care for review",
+                           f"Subject: {subject}\nX-Auto-Response-Suppress: All")
+    assert reason(parse(raw.encode()), cfg) is None
+
+
+@pytest.mark.parametrize("subject", [
     "Out of office visit notes for review",
     "Auto accident intake forms",
     "Auto: claim 99 records",
@@ -170,6 +191,9 @@ def test_other_addresses_at_the_sharing_domain_are_not_a_loop(cfg):
     ("List-Id: Staff news <news.clinic.example>", "mailing-list"),
     ("List-Unsubscribe: <mailto:leave@lists.clinic.example>", "mailing-list"),
     ("X-Failed-Recipients: dr.smyth@ortho.example", "delivery-report"),
+    ("Precedence: auto_reply", "precedence-auto-reply"),
+    ("X-Precedence: auto_reply", "precedence-auto-reply"),
+    ("X-Precedence: bulk", "precedence-bulk"),
 ])
 def test_each_machine_signal_alone_is_enough(cfg, extra, expected):
     assert reason(with_headers(extra), cfg) == expected

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from mailbridge.senders import AuthResult, aligned, authenticate, from_address
+from mailbridge.senders import AuthResult, aligned, authenticate, from_address, headers_trusted
 from tests.conftest import make_settings
 from tests.dkim_helpers import DkimKeyring, make_dkim_key, sign
 
@@ -221,6 +221,13 @@ def test_trusted_dmarc_pass_passes(cfg):
     assert result.reason == "dmarc pass for clinic.example"
 
 
+def test_dmarc_pass_without_header_from_fails(cfg, ring):
+    raw = with_ar("mx.portal.example; dmarc=pass")
+    result = check(raw, cfg, ring.dnsfunc)
+    assert not result.ok
+    assert result.reason == "trusted dmarc pass is not for the from domain"
+
+
 def test_dmarc_pass_for_another_from_domain_fails(cfg, ring):
     raw = with_ar("mx.portal.example; dmarc=pass header.from=other.example")
     assert not check(raw, cfg, ring.dnsfunc).ok
@@ -244,6 +251,72 @@ def test_dkim_pass_for_unaligned_domain_fails(cfg, ring):
 def test_dkim_fail_fails(cfg, ring):
     raw = with_ar("mx.portal.example; dkim=fail (bad signature) header.d=clinic.example")
     assert not check(raw, cfg, ring.dnsfunc).ok
+
+
+RECEIVED = "Received: from mail.clinic.example by mx.portal.example; Thu, 16 May 2024 11:41 -0400\n"
+
+
+def test_forged_pass_below_the_trusted_servers_fail_is_ignored_and_counted(cfg, ring):
+    # The MTA prepends its verdict and its Received line; the sender wrote the "pass" below.
+    raw = (b"Authentication-Results: mx.portal.example; dkim=fail header.d=clinic.example; "
+           b"dmarc=fail header.from=clinic.example\n" + RECEIVED.encode()
+           + with_ar("mx.portal.example; dkim=pass header.d=clinic.example; "
+                     "dmarc=pass header.from=clinic.example"))
+    result = check(raw, cfg, ring.dnsfunc)
+    assert not result.ok
+    assert result.reason == "trusted dmarc=fail"
+    assert result.forged == 1
+
+
+@pytest.mark.parametrize("order", ["pass-first", "fail-first"])
+def test_a_fail_in_the_trusted_block_is_final(cfg, ring, order):
+    fail = "mx.portal.example; dmarc=fail header.from=clinic.example"
+    forged = "mx.portal.example; dmarc=pass header.from=clinic.example"
+    first, second = (forged, fail) if order == "pass-first" else (fail, forged)
+    raw = f"Authentication-Results: {first}\n".encode() + with_ar(second)
+    result = check(raw, cfg, ring.dnsfunc)
+    assert not result.ok and result.reason == "trusted dmarc=fail"
+
+
+def test_trusted_fail_is_final_even_when_our_own_dkim_check_would_pass(pems, ring, cfg):
+    signed = sign(MESSAGE, "clinic.example", "sel1", pems["clinic.example"])
+    raw = b"Authentication-Results: mx.portal.example; dkim=none\r\n" + signed
+    result = check(raw, cfg, ring.dnsfunc)
+    assert not result.ok and result.reason == "trusted authentication-results show no aligned pass"
+
+
+def test_trusted_block_without_dkim_or_dmarc_leaves_it_to_our_dkim_check(pems, ring, cfg):
+    signed = sign(MESSAGE, "clinic.example", "sel1", pems["clinic.example"])
+    raw = b"Authentication-Results: mx.portal.example; spf=pass smtp.mailfrom=clinic.example\r\n"
+    result = check(raw + signed, cfg, ring.dnsfunc)
+    assert result.ok and result.method == "dkim"
+
+
+def test_trusted_pass_from_an_untrusted_client_counts_for_nothing(cfg, ring, pems):
+    raw = with_ar("mx.portal.example; dkim=pass header.d=clinic.example; "
+                  "dmarc=pass header.from=clinic.example")
+    result = authenticate(raw, parse(raw), cfg, dnsfunc=ring.dnsfunc, trust_headers=False)
+    assert not result.ok and result.forged == 1
+    assert "not trusted from this client" in result.reason
+    # ... while the member's real signature still works for mail straight from the internet.
+    signed = sign(raw, "clinic.example", "sel1", pems["clinic.example"])
+    result = authenticate(signed, parse(signed), cfg, dnsfunc=ring.dnsfunc, trust_headers=False)
+    assert result.ok and result.method == "dkim" and result.forged == 1
+
+
+@pytest.mark.parametrize(("channel", "ip", "relays", "trusted"), [
+    ("smtp", "127.0.0.1", None, True),
+    ("smtp", "::1", None, True),
+    ("smtp", "::ffff:127.0.0.1", None, True),
+    ("smtp", "203.0.113.9", None, False),
+    ("smtp", "", None, False),
+    ("smtp", "192.0.2.10", "192.0.2.0/24", True),
+    ("smtp", "127.0.0.1", "192.0.2.0/24", False),
+    ("imap", "", "192.0.2.0/24", True),
+])
+def test_headers_trusted_only_from_relays_or_imap(tmp_path, channel, ip, relays, trusted):
+    cfg = cfg_with(tmp_path, trusted_relays=relays) if relays else make_settings(tmp_path)
+    assert headers_trusted(channel, ip, cfg) is trusted
 
 
 def test_unparseable_trusted_header_is_ignored(cfg, ring):
@@ -285,6 +358,36 @@ def test_message_without_usable_from_is_not_authenticated(cfg, ring):
 def test_from_address_lower_cases_and_drops_display_name():
     msg = parse(b"From: \"Nguyen, Mai\" <Mai.Nguyen@Clinic.Example>\n\nhi\n")
     assert from_address(msg) == "mai.nguyen@clinic.example"
+
+
+@pytest.mark.parametrize("header", [
+    b"From: \"J. Alvarez\" <j.alvarez@clinic.example>",
+    b"From: J. Alvarez <j.alvarez@clinic.example>",
+    b"From: <j.alvarez@clinic.example>",
+    b"From: j.alvarez@clinic.example",
+    b"From: j.alvarez@clinic.example (Jordan Alvarez)",
+    b"From: =?utf-8?q?Jordan_=C3=81lvarez?= <j.alvarez@clinic.example>",
+    b"From: \"j.alvarez@clinic.example\" <j.alvarez@clinic.example>",
+])
+def test_from_address_reads_the_usual_forms(header):
+    assert from_address(parse(header + b"\n\nbody\n")) == "j.alvarez@clinic.example"
+
+
+@pytest.mark.parametrize("header", [
+    # Python reads pat, DMARC checkers read eve: refused rather than guessed.
+    b"From: pat@clinic.example <eve@evil.example>",
+    b"From: \"pat@clinic.example\" <eve@evil.example>",
+    b"From: =?utf-8?q?pat=40clinic=2Eexample?= <eve@evil.example>",
+    b"From: Pat <pat@clinic.example",
+    b"From: \"Pat <pat@clinic.example>",
+    b"From: Pat <pat@clinic.example> <eve@evil.example>",
+    b"From: Pat <<pat@clinic.example>>",
+    b"From: team: pat@clinic.example;",
+    b"From: pat@clinic.example,",
+    b"From: (pat@clinic.example) eve@evil.example",
+])
+def test_from_that_parsers_could_read_differently_is_refused(header):
+    assert from_address(parse(header + b"\n\nbody\n")) is None
 
 
 @pytest.mark.parametrize("header", [
