@@ -133,12 +133,25 @@ def expiry_summary(runtime: Runtime, share_id: int) -> int:
     return len(reported)
 
 
+def refusal_status(reason: str) -> str:
+    """The status code in a refusal ("5.1.1", else "550"), "" if none: the only part of a
+    remote server's answer we repeat to staff. Its text is chosen by whoever wrote the
+    bounce, and a forged bounce to a genuine VERP address must not speak in our name."""
+    found = _ENHANCED_STATUS.search(reason) or _BASIC_STATUS.search(reason)
+    return found.group(0) if found else ""
+
+
+_ENHANCED_STATUS = re.compile(r"\b[245]\.\d{1,3}\.\d{1,3}\b")
+_BASIC_STATUS = re.compile(r"\b[45]\d\d\b")
+
+
 def link_failed(runtime: Runtime, grant_id: int, *, event: str, reason: str,
                 detail: dict) -> bool:
     """A recipient's link e-mail cannot be delivered (relay refused it, or a bounce came back):
-    mark the grant, audit `event` and queue one notice to the sender. True if the grant was
-    newly marked; a grant already failed changes nothing and gets no second notice. Runs in
-    the caller's transaction; the caller wakes the dispatcher after the commit."""
+    mark the grant, audit `event` (with `reason`, for operators) and queue one notice to the
+    sender naming only the status code. True if the grant was newly marked; a grant already
+    failed changes nothing and gets no second notice. Runs in the caller's transaction; the
+    caller wakes the dispatcher after the commit."""
     changed = (Grant.update(delivery="failed")
                .where((Grant.id == grant_id) & (Grant.delivery != "failed")).execute())
     if not changed:
@@ -153,7 +166,8 @@ def link_failed(runtime: Runtime, grant_id: int, *, event: str, reason: str,
     if runtime.settings.notifications.delivery_failure:
         notice = compose.notice_email(runtime.settings, to=sender.email,
                                       code="link_undeliverable",
-                                      details={"address": grant.address, "reason": reason},
+                                      details={"address": grant.address,
+                                               "status": refusal_status(reason)},
                                       in_reply_to=share.receipt_message_id or None, now=now)
         outbox.enqueue(runtime, notice, kind="notice", to_addr=sender.email, share=share)
     return True

@@ -250,3 +250,22 @@ def test_bounce_over_smtp_marks_the_grant_failed_and_tells_the_sender(service):
     assert [r.state for r in InboundMessage.select().order_by(InboundMessage.id)] == [
         "done", "done"]
     assert len(service.sink.messages) == 3  # nothing went back to the bouncing server
+
+
+def test_forged_report_text_never_reaches_the_sender(runtime):
+    # A genuine VERP address can be guessed from nothing, but a recipient who received the
+    # link knows theirs; the report's words are theirs to choose.
+    rt = configured(runtime)
+    share = shared(rt)
+    row = link_row(share)
+    raw = (MAIL / "bounce_postfix.eml").read_bytes()
+    forged = re.sub(rb"Diagnostic-Code: [^\n]*",
+                    b"Diagnostic-Code: smtp; 550 5.1.1 Your mailbox is suspended, verify at "
+                    b"http://evil.example/login now", raw)
+    assert forged != raw
+    spool.enqueue(rt, forged, channel="smtp", envelope_from="", envelope_to=[row.envelope_from])
+    outcome = pipeline.process(rt, spool.claim_next(rt, "test"), forged)
+    assert isinstance(outcome, Done)
+    body = text_of(notices(rt)[0][1])
+    assert "evil.example" not in body and "suspended" not in body
+    assert "(status 5.1.1)" in body

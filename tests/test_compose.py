@@ -42,8 +42,7 @@ NOTICE_DETAILS = {
     "too_deep": {"limit": 8},
     "tnef": {},
     "unreadable_attachment": {"filename": "locked.pdf"},
-    "link_undeliverable": {"address": "dr.smith@ortho.example",
-                           "reason": "recipient refused: 550 5.1.1 User unknown"},
+    "link_undeliverable": {"address": "dr.smith@ortho.example", "status": "5.1.1"},
 }
 
 # What a member reading each notice must find: the problem and how to fix it.
@@ -64,8 +63,8 @@ NOTICE_SAYS = {
     "too_deep": ["8 levels"],
     "tnef": ["winmail.dat", "HTML or Plain Text"],
     "unreadable_attachment": ["locked.pdf", "password"],
-    "link_undeliverable": ["dr.smith@ortho.example", "550 5.1.1 User unknown",
-                           "share the documents again"],
+    "link_undeliverable": ["dr.smith@ortho.example", "refused it (status 5.1.1)",
+                           "share the documents again", "resend dr.smith@ortho.example"],
 }
 
 

@@ -156,7 +156,7 @@ def test_refused_recipient_fails_the_link_and_tells_the_sender(make_runtime):
         got = sink.wait_for(3)[-1]
     assert got.rcpt_tos == [SENDER]
     body = got.message.get_body(("plain",)).get_content()
-    assert "nobody@ortho.example" in body and "550 5.1.1" in body
+    assert "nobody@ortho.example" in body and "(status 5.1.1)" in body
     assert "POC for patient" not in str(got.message["Subject"])
     assert OutboundMessage.select().where(OutboundMessage.kind == "notice").count() == 1
 

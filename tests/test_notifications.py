@@ -221,7 +221,10 @@ def test_link_failure_is_reported_once_per_grant(runtime):
     assert Grant.get_by_id(grant.id).delivery == "failed"
     [(row, message)] = sent(rt, "notice")
     assert row.to_addr == MEMBER and message["In-Reply-To"] == share.receipt_message_id
-    assert "550 5.1.1 user unknown" in text_of(message)
+    body = text_of(message)
+    assert "the receiving\nserver refused it (status 5.1.1)" in body
+    assert "user unknown" not in body  # the remote server's words are not repeated
+    assert "still works" in body and "not released" not in body
     assert [e.kind for e in AuditEvent.select().where(AuditEvent.grant == grant)
             if e.kind.startswith("link_")] == ["link_undeliverable"]
 
