@@ -54,6 +54,12 @@ class SmtpSettings:
     host: str = "127.0.0.1"
     port: int = 2525
     max_message_bytes: int = 80 * 1024 * 1024
+    # Hourly budgets (0: none); past them the client is asked to retry later (451 4.7.1).
+    # Trusted relays have no per-IP budget (all of an MTA's mail comes from its address).
+    max_messages_per_hour_per_ip: int = 500
+    max_bytes_per_hour_per_ip: int = 2 * 1024 ** 3
+    max_messages_per_hour_per_sender: int = 200
+    max_bytes_per_hour_per_sender: int = 1024 ** 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -392,6 +398,10 @@ def validate(s: Settings) -> None:
         raise ConfigError("[web] proxies: must be 0 or more")
     if s.smtp.max_message_bytes < 1024:
         raise ConfigError("[smtp] max_message_bytes: must be at least 1024")
+    for name in ("max_messages_per_hour_per_ip", "max_bytes_per_hour_per_ip",
+                 "max_messages_per_hour_per_sender", "max_bytes_per_hour_per_sender"):
+        if getattr(s.smtp, name) < 0:
+            raise ConfigError(f"[smtp] {name}: must be 0 (no limit) or more")
     _address(s.addresses.sharing, "[addresses] sharing")
     if "+" in s.addresses.sharing.split("@")[0]:
         raise ConfigError("[addresses] sharing: must not contain '+' (used for plus-addressing)")

@@ -74,7 +74,8 @@ class InboundMessage(BaseModel):
     purged_at = pw.DateTimeField(null=True)
 
     class Meta:
-        indexes = ((("state", "next_attempt_at"), False), (("client_ip", "received_at"), False))
+        indexes = ((("state", "next_attempt_at"), False), (("client_ip", "received_at"), False),
+                   (("envelope_from", "received_at"), False))
 
 
 class Share(BaseModel):
@@ -170,6 +171,19 @@ class AuditEvent(BaseModel):
     detail = JSONField(default=dict)
 
 
+class SeenMessage(BaseModel):
+    """A member's authenticated message that was acted on, by a key a replay cannot change
+    (replay.message_keys): the unique index makes the database refuse a second action."""
+
+    member = pw.ForeignKeyField(Member, on_delete="CASCADE")
+    key = pw.CharField(max_length=80)  # mid:/sig:/body: + SHA-256 hex
+    inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL")
+    seen_at = pw.DateTimeField()
+
+    class Meta:
+        indexes = ((("member", "key"), True),)
+
+
 class WebSession(BaseModel):
     """A portal session; the browser holds a random id, we store only its hash."""
 
@@ -203,4 +217,4 @@ class PasswordReset(BaseModel):
 
 
 ALL_MODELS = [SchemaVersion, Clinic, Member, InboundMessage, Share, Document, Account, Grant,
-              OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset]
+              OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset, SeenMessage]

@@ -8,11 +8,11 @@ records the outcome together with whatever it created, in one transaction.
 
 from __future__ import annotations
 
-from mailbridge import members, parse, screen, senders
+from mailbridge import members, parse, replay, screen, senders
 from mailbridge.actions import bounces, commands, share
 from mailbridge.models import InboundMessage
 from mailbridge.outcomes import Ignore, Outcome, Reject, TempFail
-from mailbridge.respond import ignore, record_forgery, reject
+from mailbridge.respond import ignore, record_forgery, reject, repeat
 from mailbridge.route import Route, route_message
 from mailbridge.runtime import Runtime
 
@@ -55,14 +55,21 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
         return ignore(runtime, row, Ignore(f"sender not authenticated: {auth.reason}"),
                       member=member)
 
-    # 4a. A reply: sender checks, the command and its answer, in one transaction.
-    if route is Route.REPLY:
-        return commands.handle_reply(runtime, row, raw, message, member)
+    # 4. Once only: a message acted on before (an SMTP retry, or a replay of a signed message
+    # with its whitespace changed) does nothing and gets no answer. The keys are written with
+    # the action below, under a unique index.
+    keys = replay.message_keys(raw, message)
+    if replay.seen(member, keys):
+        return repeat(runtime, row, member)
 
-    # 4b. Read what the member asked for: recipients, title, note, documents.
+    # 5a. A reply: sender checks, the command and its answer, in one transaction.
+    if route is Route.REPLY:
+        return commands.handle_reply(runtime, row, message, member, keys)
+
+    # 5b. Read what the member asked for: recipients, title, note, documents.
     request = parse.parse_share(message, row.envelope_to, settings)
     if isinstance(request, Reject):
-        return reject(runtime, row, request, member, message)
+        return reject(runtime, row, request, member, message, keys)
 
-    # 5. Act: one share, its documents, grants, audit events and e-mails — all or nothing.
-    return share.create_share(runtime, row, raw, member, message, request)
+    # 6. Act: one share, its documents, grants, audit events and e-mails — all or nothing.
+    return share.create_share(runtime, row, raw, member, message, request, keys)

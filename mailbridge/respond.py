@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from email.message import EmailMessage
 
-from mailbridge import audit, spool
+from mailbridge import audit, replay, spool
 from mailbridge.models import InboundMessage, Member
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Ignore, Reject
@@ -25,7 +25,20 @@ def ignore(runtime: Runtime, row: InboundMessage, outcome: Ignore,
             audit.record("sender_unauthenticated", now, actor=member.email, member=member,
                          inbound=row, detail={"reason": outcome.reason})
         spool.conclude(row, "ignored", "ignore", outcome.reason, now)
+    spool.discard_raw(runtime, row)
     log.info("inbound #%d ignored: %s", row.id, outcome.reason)
+    return outcome
+
+
+def repeat(runtime: Runtime, row: InboundMessage, member: Member) -> Ignore:
+    """The member's message was acted on before: no second action, no second answer."""
+    outcome = Ignore("a repeat of a message already acted on")
+    now = runtime.clock()
+    with runtime.db.atomic():
+        audit.record("message_repeated", now, actor=member.email, member=member, inbound=row)
+        spool.conclude(row, "ignored", "repeat", outcome.reason, now)
+    spool.discard_raw(runtime, row)
+    log.info("inbound #%d: a repeat of a message already acted on; nothing done", row.id)
     return outcome
 
 
@@ -39,12 +52,13 @@ def record_forgery(runtime: Runtime, row: InboundMessage, member: Member, count:
 
 
 def reject(runtime: Runtime, row: InboundMessage, outcome: Reject, member: Member,
-           message: EmailMessage) -> Reject:
+           message: EmailMessage, keys: list[str]) -> Reject:
     now = runtime.clock()
     notice = compose.notice_email(runtime.settings, to=member.email, code=outcome.code,
                                   details=outcome.details,
                                   in_reply_to=message.get("Message-ID"))
     with runtime.db.atomic():
+        replay.remember(member, keys, row, now)
         outbox.enqueue(runtime, notice, kind="notice", to_addr=member.email)
         audit.record("share_rejected", now, actor=member.email, member=member, inbound=row,
                      detail={"code": outcome.code})

@@ -51,11 +51,23 @@ def _v4_intake_origin(db: peewee.Database) -> None:
         migrate(migrator.add_index("inbound_message", ("client_ip", "received_at"), False))
 
 
+def _v5_seen_messages(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    db.create_tables([models.SeenMessage], safe=True)
+    if "inbound_message_envelope_from_received_at" not in {
+            i.name for i in db.get_indexes("inbound_message")}:
+        migrate(SchemaMigrator.from_database(db).add_index(
+            "inbound_message", ("envelope_from", "received_at"), False))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
     (3, "reminders and sender notifications on grants", _v3_lifecycle),
     (4, "where each inbound message came from (client IP, protocol)", _v4_intake_origin),
+    (5, "members' messages acted on (a replay is refused by the database); per-sender budgets",
+     _v5_seen_messages),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -11,7 +11,7 @@ import peewee
 
 from mailbridge.models import InboundMessage
 from mailbridge.runtime import Runtime
-from mailbridge.storage import put_bytes, read_all
+from mailbridge.storage import StorageError, put_bytes, read_all
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,21 @@ def conclude(row: InboundMessage, state: str, outcome: str, reason: str,
     (InboundMessage.update(state=state, outcome=outcome, reason=reason[:2000], finished_at=now,
                            lease_until=None)
      .where(InboundMessage.id == row.id).execute())
+
+
+def discard_raw(runtime: Runtime, row: InboundMessage) -> None:
+    """Delete the raw message of a row that ended ignored (unauthenticated, automated, a
+    repeat): nothing of it is needed, and keeping it would let anyone fill the disk by
+    sending mail in a member's name. The row and its reason stay. A failure here is left to
+    the purge job."""
+    try:
+        runtime.spool.delete(row.blob_id)
+    except StorageError:
+        log.warning("inbound #%d: could not delete the raw message now; purge will", row.id)
+        return
+    with runtime.db.atomic():
+        (InboundMessage.update(purged_at=runtime.clock())
+         .where((InboundMessage.id == row.id) & InboundMessage.purged_at.is_null()).execute())
 
 
 def retry_later(runtime: Runtime, row: InboundMessage, reason: str) -> str:

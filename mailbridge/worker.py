@@ -11,6 +11,8 @@ import socket
 import threading
 import traceback
 
+import peewee
+
 from mailbridge import db, pipeline, spool
 from mailbridge.models import InboundMessage
 from mailbridge.outcomes import TempFail
@@ -34,6 +36,11 @@ def handle(runtime: Runtime, row: InboundMessage) -> str:
             log.info("inbound #%d: temporary failure; will retry", row.id)
             return spool.retry_later(runtime, row, outcome.reason)
         return type(outcome).__name__.lower()
+    except peewee.IntegrityError:
+        # Another worker acted on a copy of this message at the same moment (unique keys):
+        # the next attempt sees that and ends it as a repeat.
+        log.info("inbound #%d: a copy was handled concurrently; will look again", row.id)
+        return spool.retry_later(runtime, row, "a copy was handled at the same moment")
     except db.UNAVAILABLE as exc:
         db.reset_connection(runtime.db)
         log.warning("inbound #%d: database unavailable (%s); will retry", row.id,

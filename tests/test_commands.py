@@ -217,7 +217,7 @@ def test_the_same_reply_delivered_twice_is_answered_once(rt):
     deliver(rt, msg, [shared.reply_address])
     tokens_after_first = {g.token_hash for g in shared.share.grants}
     second = deliver(rt, msg, [shared.reply_address])  # the member's MTA retried
-    assert second.outcome == "duplicate"
+    assert second.outcome == "repeat"
     assert {g.token_hash for g in shared.share.grants} == tokens_after_first
     assert len(sent(rt, "reply")) == 1 and len(sent(rt, "link")) == 2
 

@@ -173,3 +173,119 @@ def test_disk_full_answers_452_and_keeps_nothing(intake, tmp_path):
         assert InboundMessage.select().count() == 1
     finally:
         subprocess.run(["umount", str(rt.settings.spool_dir)], check=False)
+
+
+# --- budgets and early refusal -------------------------------------------------------------
+
+
+def limited(intake, **smtp):
+    """The intake's runtime with other [smtp] budgets, and loopback not a trusted relay (so
+    the test client is an ordinary internet client)."""
+    import dataclasses
+
+    rt, port = intake
+    settings = dataclasses.replace(
+        rt.settings, smtp=dataclasses.replace(rt.settings.smtp, **smtp),
+        senders=dataclasses.replace(rt.settings.senders, trusted_relays=("192.0.2.0/24",)))
+    object.__setattr__(rt, "settings", settings)  # the controller's handler holds `rt`
+    return rt, port
+
+
+def test_client_over_its_hourly_message_budget_is_told_to_come_back_later(intake):
+    rt, port = limited(intake, max_messages_per_hour_per_ip=2)
+    add_jane()
+    send(port, bytes(share_message()))
+    send(port, bytes(share_message()))
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        send(port, bytes(share_message()))
+    assert info.value.smtp_code == 451 and info.value.smtp_error.startswith(b"4.7.1")
+    assert InboundMessage.select().count() == 2
+
+
+def test_sender_over_its_hourly_byte_budget_is_refused(intake):
+    rt, port = limited(intake, max_bytes_per_hour_per_sender=120_000)
+    add_jane()
+    big = bytes(share_message(attachments=[("scan.pdf", b"%PDF-1.4\n" + b"x" * 60_000)]))
+    send(port, big)
+    # smtplib declares SIZE, so the refusal comes at MAIL FROM ...
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        send(port, big)
+    assert info.value.smtp_code == 451 and info.value.smtp_error.startswith(b"4.7.1")
+    # ... and a client that declares nothing is refused once the message is in.
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo()
+        assert smtp.mail(MEMBER)[0] == 250 and smtp.rcpt(SHARING)[0] == 250
+        code, text = smtp.data(wire(big))
+    assert code == 451 and text.startswith(b"4.7.1")
+    assert InboundMessage.select().count() == 1
+    # Another envelope sender (same client, no per-IP byte budget hit) still gets through.
+    send(port, big, sender="frontdesk@clinic.example")
+    assert InboundMessage.select().count() == 2
+
+
+def test_declared_size_over_the_budget_is_refused_before_data(intake):
+    rt, port = limited(intake, max_bytes_per_hour_per_ip=50_000)
+    add_jane()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo()
+        code, text = smtp.mail(MEMBER, options=["SIZE=80000"])
+    assert code == 451 and text.startswith(b"4.7.1")
+
+
+def test_trusted_relay_has_no_per_ip_budget(intake):
+    rt, port = limited(intake, max_messages_per_hour_per_ip=1)
+    import dataclasses
+
+    object.__setattr__(rt, "settings", dataclasses.replace(
+        rt.settings, senders=dataclasses.replace(rt.settings.senders,
+                                                 trusted_relays=("127.0.0.1",))))
+    add_jane()
+    for _ in range(3):
+        send(port, bytes(share_message()))
+    assert InboundMessage.select().count() == 3
+
+
+def test_header_watch_refuses_without_keeping_the_body():
+    import asyncio
+
+    from mailbridge.receive.header_watch import END_OF_DATA, HeaderWatch
+
+    async def run():
+        reader = asyncio.StreamReader(limit=1 << 16)
+        reader.feed_data(b"From: eve@evil.example\r\nSubject: x\r\n\r\n"
+                         + b"A" * 70 + b"\r\n" * 1 + (b"B" * 76 + b"\r\n") * 20_000
+                         + b"C" * 200_000 + b"\r\n" + END_OF_DATA + b"QUIT\r\n")
+        seen: list[bytes] = []
+
+        async def decide(header: bytes):
+            seen.append(header)
+            return "550 5.7.1 no"
+
+        watch = HeaderWatch(reader, decide)
+        returned = []
+        while True:
+            line = await watch.readuntil(b"\r\n")
+            returned.append(line)
+            if line == END_OF_DATA:
+                break
+        return seen, returned, watch, await reader.readuntil(b"\r\n")
+
+    seen, returned, watch, after = asyncio.run(run())
+    assert seen == [b"From: eve@evil.example\r\nSubject: x\r\n"]
+    # The body never reaches aiosmtpd: the header lines, then the end of DATA.
+    assert returned == [b"From: eve@evil.example\r\n", b"Subject: x\r\n", END_OF_DATA]
+    assert watch.refusal == "550 5.7.1 no"
+    assert after == b"QUIT\r\n"  # the rest of DATA was read and thrown away, nothing more
+
+
+def test_non_member_refused_while_data_arrives_and_the_session_goes_on(intake):
+    _, port = intake
+    add_jane()
+    stranger = bytes(share_message(sender="eve@evil.example",
+                                   attachments=[("big.pdf", b"%PDF-1.4\n" + b"x" * 500_000)]))
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            smtp.sendmail("eve@evil.example", [SHARING], wire(stranger))
+        assert info.value.smtp_code == 550 and info.value.smtp_error.startswith(b"5.7.1")
+        smtp.sendmail(MEMBER, [SHARING], wire(bytes(share_message())))  # same connection
+    assert InboundMessage.select().count() == 1

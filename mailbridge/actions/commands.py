@@ -8,12 +8,9 @@ import math
 import re
 from email.message import EmailMessage
 
-import peewee
-
-from mailbridge import audit, lifecycle, replies, spool, tokens
-from mailbridge.actions.share import dedupe_key
+from mailbridge import audit, lifecycle, replay, replies, spool, tokens
 from mailbridge.config import Settings
-from mailbridge.models import AuditEvent, InboundMessage, Member, OutboundMessage, Share
+from mailbridge.models import InboundMessage, Member, OutboundMessage, Share
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Done, Outcome, Reject
 from mailbridge.route import Route, classify_address
@@ -21,7 +18,7 @@ from mailbridge.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-# The audit event of every reply acted on; its fingerprint stops a second delivery.
+# The audit event of every reply acted on.
 ANSWERED = "reply_command"
 MESSAGE_ID = re.compile(r"<[^<>\s]{1,250}@[^<>\s]{1,250}>")
 MAX_REFERENCES = 50
@@ -97,28 +94,24 @@ def may_manage(member: Member, share: Share, settings: Settings) -> bool:
 # --- the reply -------------------------------------------------------------------------------
 
 
-def handle_reply(runtime: Runtime, row: InboundMessage, raw: bytes, message: EmailMessage,
-                 member: Member) -> Outcome:
-    """`member` is active and authenticated (the pipeline checked both)."""
+def handle_reply(runtime: Runtime, row: InboundMessage, message: EmailMessage,
+                 member: Member, keys: list[str]) -> Outcome:
+    """`member` is active and authenticated, and the message new (the pipeline checked all
+    three); `keys` are recorded with the action, so a copy acted on at the same moment fails
+    its transaction."""
     settings = runtime.settings
     share, key = find_share(row.envelope_to, message, settings)
     if share is None:
         return _refuse(runtime, row, message, member, None, "reply_unknown",
-                       "no share matches the reply")
+                       "no share matches the reply", keys)
     if not may_manage(member, share, settings):
         return _refuse(runtime, row, message, member, share, "reply_not_allowed",
-                       "the sender may not manage this share")
-    fingerprint = dedupe_key(raw, message)
-    # Without a Message-ID two different replies saying the same could not be told apart.
-    if message.get("Message-ID") and _already_answered(share, fingerprint):
-        with runtime.db.atomic():
-            spool.conclude(row, "done", "duplicate", f"reply already handled (share #{share.id})",
-                           runtime.clock())
-        return Done(share.id, "duplicate of a reply already handled")
+                       "the sender may not manage this share", keys)
     command = replies.extract_command(message)
     reply_address = f"reply+{key}@{settings.addresses.reply_domain}" if key else None
     now = runtime.clock()
     with runtime.db.atomic():
+        replay.remember(member, keys, row, now)
         values, event = _run(runtime, share, command, member)
         answer = compose.command_reply_email(
             settings, to=member.email, command=values.pop("template"), values=values,
@@ -130,8 +123,7 @@ def handle_reply(runtime: Runtime, row: InboundMessage, raw: bytes, message: Ema
                          inbound=row)
         audit.record(ANSWERED, now, actor=member.email, share=share, member=member,
                      inbound=row, detail={"command": command.name,
-                                          "recognised": command.recognised,
-                                          "fingerprint": fingerprint})
+                                          "recognised": command.recognised})
         spool.conclude(row, "done", "command", f"{command.name} for share #{share.id}", now)
     outbox.notify(runtime)
     log.info("inbound #%d: %s command for share #%d answered", row.id, command.name, share.id)
@@ -184,20 +176,8 @@ def _subject(message: EmailMessage) -> str | None:
     return str(value) if value else None
 
 
-def _already_answered(share: Share, fingerprint: str) -> bool:
-    """The same reply delivered twice (an SMTP retry after a lost 250) is answered once: a
-    second `resend` must not replace the links the first one sent."""
-    # The pattern bypasses the JSON field's converter (it would quote it); hex needs no
-    # escape. ILIKE: peewee turns LIKE into a case-sensitive GLOB on SQLite.
-    pattern = peewee.Value(f"%{fingerprint}%", converter=False)
-    return (AuditEvent.select()
-            .where((AuditEvent.share == share) & (AuditEvent.kind == ANSWERED)
-                   & peewee.Expression(AuditEvent.detail, peewee.OP.ILIKE, pattern))
-            .exists())
-
-
 def _refuse(runtime: Runtime, row: InboundMessage, message: EmailMessage, member: Member,
-            share: Share | None, code: str, reason: str) -> Reject:
+            share: Share | None, code: str, reason: str, keys: list[str]) -> Reject:
     """Nothing changes; the authenticated member is told why, once."""
     settings = runtime.settings
     now = runtime.clock()
@@ -205,6 +185,7 @@ def _refuse(runtime: Runtime, row: InboundMessage, message: EmailMessage, member
                                   details={"admins": settings.shares.allow_clinic_admins},
                                   in_reply_to=message.get("Message-ID"), now=now)
     with runtime.db.atomic():
+        replay.remember(member, keys, row, now)
         outbox.enqueue(runtime, notice, kind="notice", to_addr=member.email)
         audit.record("reply_refused", now, actor=member.email, member=member, share=share,
                      inbound=row, detail={"reason": code})

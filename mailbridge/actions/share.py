@@ -4,14 +4,13 @@ recipient, a link e-mail each, a receipt to the sender — committed together or
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 from email.message import EmailMessage
 from zoneinfo import ZoneInfo
 
 import peewee
 
-from mailbridge import audit, spool, tokens
+from mailbridge import audit, replay, spool, tokens
 from mailbridge.models import Document, Grant, InboundMessage, Member, Share
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Done
@@ -20,25 +19,6 @@ from mailbridge.runtime import Runtime
 from mailbridge.storage import StoredBlob, put_bytes
 
 log = logging.getLogger(__name__)
-
-
-def dedupe_key(raw: bytes, message: EmailMessage) -> str:
-    """Message-ID plus a hash of the body: the same message re-delivered (SMTP retry, IMAP
-    re-poll) matches even when relays added trace headers on the way. Line ends are
-    normalised; the body is hashed in slices so a large message is not copied."""
-    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := raw.find(sep)) >= 0]
-    start = min(ends, default=len(raw))
-    digest = hashlib.sha256(str(message.get("Message-ID", "")).strip().encode(
-        "utf-8", "replace") + b"\0")
-    view = memoryview(raw)
-    stop = len(raw)
-    while stop > start and raw[stop - 1] in b" \t\r\n":
-        stop -= 1
-    step = 1 << 20
-    for offset in range(start, stop, step):
-        piece = bytes(view[offset:min(offset + step, stop)])
-        digest.update(piece.replace(b"\r", b""))
-    return digest.hexdigest()
 
 
 def deadline_text(deadline: dt.datetime, timezone: str) -> str:
@@ -51,8 +31,8 @@ def link_url(base_url: str, token: str) -> str:
 
 
 def create_share(runtime: Runtime, row: InboundMessage, raw: bytes, member: Member,
-                 message: EmailMessage, request: ParsedShare) -> Done:
-    key = dedupe_key(raw, message)
+                 message: EmailMessage, request: ParsedShare, keys: list[str]) -> Done:
+    key = replay.share_dedupe_key(raw, message)
     existing = Share.get_or_none(Share.dedupe_key == key)
     if existing:
         return _duplicate(runtime, row, existing)
@@ -61,13 +41,13 @@ def create_share(runtime: Runtime, row: InboundMessage, raw: bytes, member: Memb
     # lock is held only for the inserts. Blobs of a failed transaction are deleted again.
     blobs = [put_bytes(runtime.documents, a.data) for a in request.attachments]
     try:
-        share = _commit(runtime, row, member, message, request, blobs, key)
+        share = _commit(runtime, row, member, message, request, blobs, key, keys)
     except peewee.IntegrityError:
         _delete(runtime, blobs)
         existing = Share.get_or_none(Share.dedupe_key == key)
-        if existing is None:
-            raise
-        return _duplicate(runtime, row, existing)
+        if existing is not None:
+            return _duplicate(runtime, row, existing)
+        raise  # a copy of the message acted on at this moment: the worker tries again
     except BaseException:
         _delete(runtime, blobs)
         raise
@@ -78,7 +58,7 @@ def create_share(runtime: Runtime, row: InboundMessage, raw: bytes, member: Memb
 
 
 def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: EmailMessage,
-            request: ParsedShare, blobs: list[StoredBlob], key: str) -> Share:
+            request: ParsedShare, blobs: list[StoredBlob], key: str, keys: list[str]) -> Share:
     settings = runtime.settings
     now = runtime.clock()
     deadline = now + dt.timedelta(hours=settings.shares.claim_hours)
@@ -86,6 +66,7 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
     when = deadline_text(deadline, clinic.timezone)
     reply_key = tokens.new_reply_key()
     with runtime.db.atomic():
+        replay.remember(member, keys, row, now)
         share = Share.create(clinic=clinic, sender=member, inbound=row, title=request.title,
                              note_html=request.note_html, created_at=now, dedupe_key=key,
                              reply_key_hash=tokens.hash_token(reply_key))

@@ -13,8 +13,7 @@ from email.policy import default as default_policy
 
 import peewee
 
-from mailbridge import members, senders, spool
-from mailbridge.actions.share import dedupe_key
+from mailbridge import members, replay, senders, spool
 from mailbridge.config import Settings
 from mailbridge.models import InboundMessage, Share
 from mailbridge.route import Route, classify_address
@@ -98,7 +97,7 @@ def _spooled_before(raw: bytes, headers: Message) -> bool:
     same_bytes = InboundMessage.select().where((InboundMessage.channel == "imap")
                                                & (InboundMessage.raw_sha256 == digest))
     return same_bytes.exists() or Share.select().where(
-        Share.dedupe_key == dedupe_key(raw, headers)).exists()
+        Share.dedupe_key == replay.share_dedupe_key(raw, headers)).exists()
 
 
 def take(runtime: Runtime, raw: bytes, key: str, *, check_content: bool) -> Verdict:

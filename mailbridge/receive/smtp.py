@@ -13,6 +13,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 from mailbridge import db, members, senders, spool
+from mailbridge.receive import limits
+from mailbridge.receive.header_watch import HeaderWatch
 from mailbridge.route import Route, classify_address
 from mailbridge.runtime import Runtime
 from mailbridge.storage import StorageError, StorageFull
@@ -31,18 +33,83 @@ DISK_FULL = "452 4.3.1 Insufficient system storage, please try again later"
 
 
 class IntakeSMTP(SMTP):
-    """aiosmtpd answers oversize mail with a bare 552; we add the enhanced status code."""
+    """aiosmtpd answers oversize mail with a bare 552; we add the enhanced status code. During
+    DATA the header is watched, so a non-member's message is refused without its body."""
 
     async def push(self, status: str) -> None:
         if status.startswith("552 Error"):
             status = TOO_BIG
         await super().push(status)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        reader, envelope = self._reader, self.envelope
+
+        async def decide(header: bytes) -> str | None:
+            envelope.refusal = await self.event_handler.early_refusal(envelope, header)
+            return envelope.refusal
+
+        self._reader = HeaderWatch(reader, decide)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._reader = reader
+
 
 class IntakeHandler:
     def __init__(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
         self.runtime = runtime
         self.executor = executor
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        """Past its hourly budget a client (or envelope sender) is asked to come back later,
+        before it sends anything big."""
+        declared = next((int(o[5:]) for o in mail_options
+                         if o.startswith("SIZE=") and o[5:].isdigit()), 0)
+        loop = asyncio.get_running_loop()
+        over = await loop.run_in_executor(self.executor, self._over_budget, client_ip(session),
+                                          address or "", declared)
+        if over:
+            log.info("smtp: a client is over its hourly budget; answered 451")
+            return limits.OVER_BUDGET
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    def _over_budget(self, ip: str, sender: str, size: int) -> bool:
+        """False when the database cannot tell now: the answer after DATA will say 451."""
+        exempt = senders.headers_trusted("smtp", ip, self.runtime.settings)
+        try:
+            return limits.over_budget(self.runtime, client_ip=ip, sender=sender,
+                                      ip_exempt=exempt, incoming_bytes=size)
+        except db.UNAVAILABLE:
+            db.reset_connection(self.runtime.db)
+            return False
+
+    async def early_refusal(self, envelope, header: bytes) -> str | None:
+        """While DATA is still arriving: the refusal for a non-member's message, else None
+        (also when the database cannot answer now: handle_DATA decides then)."""
+        if getattr(envelope, "refusal", None):
+            return envelope.refusal
+        loop = asyncio.get_running_loop()
+        try:
+            member = await loop.run_in_executor(self.executor, self._early_sender_check,
+                                                list(envelope.rcpt_tos), header)
+        except Exception:  # noqa: BLE001 - no early decision; the full check follows
+            return None
+        return None if member else NOT_A_MEMBER
+
+    def _early_sender_check(self, rcpt_tos: list[str], header: bytes) -> bool:
+        try:
+            return self._sender_allowed(rcpt_tos, header)
+        except db.UNAVAILABLE:
+            db.reset_connection(self.runtime.db)
+            raise
+
+    def _sender_allowed(self, rcpt_tos: list[str], header: bytes) -> bool:
+        settings = self.runtime.settings
+        needs_member = any(classify_address(a, settings) in (Route.SHARE, Route.REPLY)
+                           for a in rcpt_tos)
+        return not needs_member or self._from_member(header)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if classify_address(address, self.runtime.settings) is None:
@@ -51,6 +118,9 @@ class IntakeHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if getattr(envelope, "refusal", None):
+            log.info("smtp: refused a message from a non-member (body not kept)")
+            return envelope.refusal
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.accept, envelope.mail_from or "",
                                           list(envelope.rcpt_tos), envelope.original_content,
@@ -60,12 +130,15 @@ class IntakeHandler:
                proto: str = "SMTP") -> str:
         """Runs in a worker thread: member check, then spool and commit."""
         settings = self.runtime.settings
-        needs_member = any(classify_address(a, settings) in (Route.SHARE, Route.REPLY)
-                           for a in rcpt_tos)
         try:
-            if needs_member and not self._from_member(raw):
+            if not self._sender_allowed(rcpt_tos, raw):
                 log.info("smtp: refused a message from a non-member")
                 return NOT_A_MEMBER
+            exempt = senders.headers_trusted("smtp", client, settings)
+            if limits.over_budget(self.runtime, client_ip=client, sender=mail_from,
+                                  ip_exempt=exempt, incoming_bytes=len(raw)):
+                log.info("smtp: a client is over its hourly budget; answered 451")
+                return limits.OVER_BUDGET
             row = spool.enqueue(self.runtime, raw, channel="smtp", envelope_from=mail_from,
                                 envelope_to=rcpt_tos, client_ip=client, protocol=proto)
         except StorageFull:
