@@ -8,27 +8,20 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from html.parser import HTMLParser
 
+from mailbridge.html_text import visible_lines
 from mailbridge.parse import part_text
 
 COMMANDS = frozenset({"revoke", "status", "resend", "extend", "help"})
 
 # The command sits at the very top; nothing further down is ever needed.
 MAX_SCAN_CHARS = 64 * 1024
-# HTMLParser is quadratic on some broken input, so it sees at most MAX_HTML_SCAN_CHARS, taken
-# after comments and style sheets (Outlook's run to tens of kilobytes) are removed.
-MAX_HTML_CHARS = 1024 * 1024
-MAX_HTML_SCAN_CHARS = 16 * 1024
 MAX_LINE_CHARS = 1000
 # Outlook puts its "From:" line a few lines above "Sent:" when To/Cc wrap.
 HEADER_BLOCK_LINES = 4
 # Attribution lines are short; the cap also keeps the regex linear on hostile input.
 MAX_ATTRIBUTION_CHARS = 500
 
-_HIDDEN_HTML = re.compile(
-    r"<!--.*?(?:-->|\Z)|<(script|style|head|title|template)\b.*?(?:</\1\s*>|\Z)",
-    re.IGNORECASE | re.DOTALL)
 _WROTE = (r"wrote|schrieb|a\s+écrit|escribió|ha\s+scritto|schreef|skrev|kirjoitti|napisał"
           r"|написал|написала|escreveu|yazdı")
 # An attribution line ends with ':' and names the verb, e.g. "On <date>, <name> wrote:",
@@ -79,13 +72,17 @@ def extract_command(msg: email.message.Message) -> Command:
 
 
 def first_unquoted_line(msg: email.message.Message) -> str | None:
-    """The first non-empty line above any quote, forward header or signature; None if none."""
+    """The first non-empty line above any quote, forward header or signature; None if none.
+
+    Read from the text/plain part when it has text: that is what the member typed, and an
+    HTML part can hide text from them (a hidden "revoke" must never act). Otherwise the HTML
+    is read as a mail client shows it, hidden elements left out."""
     try:
         plain, html = _body_texts(msg)
         if plain is not None and plain.strip():
             lines = plain[:MAX_SCAN_CHARS].splitlines()
         elif html is not None:
-            lines = _html_lines(html)
+            lines = visible_lines(html, stop_at_quote=True)
         else:
             return None
         return _first_typed_line([_visible(line).strip() for line in lines])
@@ -172,90 +169,6 @@ def _is_attachment(part: email.message.Message) -> bool:
         return part.get_content_disposition() == "attachment"
     except Exception:  # noqa: BLE001
         return False
-
-
-# --- HTML-only replies -------------------------------------------------------------------------
-
-
-class _ReplyHtml(HTMLParser):
-    """Visible text lines of an HTML reply, up to the first quoted or signature block."""
-
-    BREAKS = frozenset({"br", "p", "div", "li", "tr", "table", "pre", "h1", "h2", "h3", "h4",
-                        "h5", "h6", "ul", "ol", "hr"})
-    HIDDEN = frozenset({"script", "style", "head", "title", "template"})
-    QUOTE_CLASSES = frozenset({"gmail_quote", "gmail_quote_container", "gmail_attr",
-                               "gmail_signature", "yahoo_quoted", "moz-cite-prefix",
-                               "moz-signature", "outlookmessageheader"})
-    QUOTE_IDS = frozenset({"divrplyfwdmsg", "appendonsend"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.lines: list[str] = []
-        self.current: list[str] = []
-        self.hidden = 0
-        self.pre = 0
-        self.stopped = False
-
-    def end_line(self) -> None:
-        self.lines.append("".join(self.current))
-        self.current = []
-
-    def _is_quote(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
-        if tag == "blockquote":
-            return True
-        values = {name.lower(): (value or "").lower() for name, value in attrs}
-        return bool(self.QUOTE_CLASSES & set(values.get("class", "").split())
-                    or values.get("id", "") in self.QUOTE_IDS)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if self.stopped:
-            return
-        if self._is_quote(tag, attrs):
-            self.end_line()
-            self.stopped = True
-        elif tag in self.HIDDEN:
-            self.hidden += 1
-        elif tag in self.BREAKS:
-            self.pre += tag == "pre"
-            self.end_line()
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.handle_starttag(tag, attrs)
-        self.handle_endtag(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if self.stopped:
-            return
-        if tag in self.HIDDEN:
-            self.hidden = max(0, self.hidden - 1)
-        elif tag in self.BREAKS:
-            self.pre = max(0, self.pre - (tag == "pre"))
-            self.end_line()
-
-    def handle_data(self, data: str) -> None:
-        if self.stopped or self.hidden:
-            return
-        if self.pre:
-            *done, rest = data.replace("\r", "").split("\n")
-            for piece in done:
-                self.current.append(piece)
-                self.end_line()
-            self.current.append(rest)
-        else:
-            self.current.append(re.sub(r"\s+", " ", data))
-
-
-def _html_lines(source: str) -> list[str]:
-    source = _HIDDEN_HTML.sub("", source[:MAX_HTML_CHARS])[:MAX_HTML_SCAN_CHARS]
-    parser = _ReplyHtml()
-    try:
-        parser.feed(source)
-        parser.close()
-    except Exception:  # noqa: BLE001 - HTMLParser is lenient, but hostile input is hostile
-        pass
-    if not parser.stopped:
-        parser.end_line()
-    return parser.lines
 
 
 # --- the command --------------------------------------------------------------------------------

@@ -314,3 +314,48 @@ def test_random_bytes_never_raise(raw, head):
 @given(line=st.text(max_size=200))
 def test_any_line_parses_to_a_known_command(line):
     assert parse_command(line).name in COMMANDS
+
+
+# --- hidden HTML -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hidden", [
+    '<div style="display:none">revoke</div>',
+    '<div style="DISPLAY: none !important">revoke</div>',
+    '<span style="visibility:hidden">revoke</span>',
+    '<div hidden>revoke</div>',
+    '<div aria-hidden="true">revoke</div>',
+    '<div style="font-size:0">revoke</div>',
+    '<div style="font-size:0px;line-height:0">revoke</div>',
+    '<div style="max-height:0;overflow:hidden">revoke</div>',
+    '<div style="opacity:0">revoke</div>',
+    '<div style="opacity: 0.0">revoke</div>',
+    '<div style="width:0;height:0;overflow:hidden">revoke</div>',
+    '<div style="mso-hide:all">revoke</div>',
+    '<div style="position:absolute;left:-9999px">revoke</div>',
+    '<template><div>revoke</div></template>',
+    '<style>.x{display:none}</style><div class="x">revoke</div>',
+    '<style>#cmd { visibility: hidden }</style><p id="cmd">revoke</p>',
+    '<style>u{display:none}</style><u>revoke</u>',
+    # A browser moves "revoke" into the hidden div (HTML5 foster parenting); so must we.
+    '<div style="display:none"><table></div>revoke',
+    '<div style="display:none"><p>revoke</div>',
+])
+def test_hidden_html_text_is_never_a_command(hidden):
+    msg = html_only(f"<html><body>{hidden}<div>Thanks, see you</div></body></html>")
+    # (After an unclosed hidden element the browser hides the thanks as well.)
+    assert first_unquoted_line(msg) in ("Thanks, see you", None)
+    assert extract_command(msg) == Command("help", "", recognised=False)
+
+
+def test_visible_text_after_a_hidden_element_is_read():
+    msg = html_only('<p><span style="display:none">preview text</span>status</p>')
+    assert extract_command(msg) == Command("status")
+
+
+def test_html_part_cannot_overrule_the_text_part():
+    msg = EmailMessage()
+    msg.set_content("Thanks!\n")
+    msg.add_alternative('<div>revoke</div><div style="display:none">revoke</div>',
+                        subtype="html")
+    assert extract_command(read_message(bytes(msg))) == Command("help", "", recognised=False)
