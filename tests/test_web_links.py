@@ -26,7 +26,7 @@ from mailbridge.models import (
     WebSession,
 )
 from mailbridge.outbound import outbox
-from mailbridge.web import create_app
+from mailbridge.web import create_app, sessions
 from tests.helpers import add_jane
 from tests.portal_helpers import (
     PASSWORD,
@@ -393,8 +393,7 @@ def test_scanners_and_previews_change_nothing_on_any_page(flow):
     assert grant.state == "pending" and grant.account_id is None
     assert not OneTimeCode.select().exists() and not Account.select().exists()
     assert not OutboundMessage.select().exists()
-    for row in WebSession.select():  # only the CSRF token of the next page, granting nothing
-        assert row.account_id is None and set(row.data) <= {"csrf_token"}
+    assert not WebSession.select().exists()  # nothing stored server-side for anyone
 
 
 def test_every_bad_token_gets_the_same_not_found_on_every_step(flow):
@@ -412,3 +411,59 @@ def test_guessing_tokens_is_rate_limited(flow):
     assert answers[:30] == [404] * 30 and answers[30] == 429
     answers = [flow.client.get(f"/s/{'E' * 40}{n:03d}").status_code for n in range(31)]
     assert answers[-1] == 429
+
+
+# --- sessions and the audit trail of anonymous visitors --------------------------------------
+
+
+def test_a_session_planted_before_the_code_never_holds_the_proven_mailbox(flow):
+    f = flow
+    attacker = f.client
+    attacker.get(f"/s/{f.token}/next")  # the attacker's own anonymous cookie ...
+    planted = attacker.get_cookie(sessions.ANON_COOKIE).value
+    victim = make_app(f.runtime).test_client()
+    victim.set_cookie(sessions.ANON_COOKIE, planted)  # ... planted in the victim's browser
+    send_code(f, victim)
+    assert verify(f, latest_code(f.runtime), victim).status_code == 302
+    assert victim.get_cookie(sessions.ANON_COOKIE).value != planted
+    # The attacker's copy proves nothing: no account can be made with it.
+    attacker.set_cookie(sessions.ANON_COOKIE, planted)
+    assert register(f, GOOD_PASSWORD, attacker).status_code == 302
+    assert not Account.select().exists()
+    # The victim goes on as usual.
+    assert register(f, GOOD_PASSWORD, victim).status_code == 302
+    assert Account.select().count() == 1
+
+
+def test_a_forged_or_stale_anonymous_cookie_is_a_fresh_start(flow):
+    f = flow
+    f.client.get(f"/s/{f.token}/next")
+    send_code(f)
+    assert verify(f, latest_code(f.runtime)).status_code == 302
+    good = f.client.get_cookie(sessions.ANON_COOKIE).value
+    forged = good[:-4] + ("AAAA" if good[-4:] != "AAAA" else "BBBB")
+    f.client.set_cookie(sessions.ANON_COOKIE, forged)
+    assert 'name="password"' not in f.client.get(f"/s/{f.token}/next").get_data(as_text=True)
+    f.client.set_cookie(sessions.ANON_COOKIE, good)
+    f.clock.advance(minutes=16)  # past the idle timeout
+    assert 'name="password"' not in f.client.get(f"/s/{f.token}/next").get_data(as_text=True)
+
+
+def test_anonymous_pages_store_no_session_rows(flow):
+    for _ in range(20):
+        assert flow.client.get("/signin").status_code == 200
+        assert flow.client.get(f"/s/{flow.token}/next").status_code == 200
+    send_code(flow)
+    assert not WebSession.select().exists()
+
+
+def test_repeated_link_views_by_one_client_are_one_event_an_hour(flow):
+    scanner = {"User-Agent": "Scanner/2.0"}
+    for _ in range(10):
+        flow.client.get(f"/s/{flow.token}", headers=scanner)
+    flow.client.get(f"/s/{flow.token}", headers={"User-Agent": "Mozilla/5.0"})
+    shown = AuditEvent.select().where(AuditEvent.kind == "link_shown")
+    assert sorted(e.user_agent for e in shown) == ["Mozilla/5.0", "Scanner/2.0"]
+    flow.clock.advance(minutes=61)
+    flow.client.get(f"/s/{flow.token}", headers=scanner)
+    assert shown.count() == 3

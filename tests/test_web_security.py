@@ -132,7 +132,7 @@ def test_cookies_are_secure_behind_https(owner_portal):
     client = app.test_client()
     base = "https://portal.example"
     page = client.get("/signin", base_url=base)
-    assert "Secure" in set_cookie_header(page, sessions.COOKIE)
+    assert "Secure" in set_cookie_header(page, sessions.ANON_COOKIE)
     token = form_token(page.get_data(as_text=True))
     response = client.post("/signin", base_url=base, headers={"Referer": f"{base}/signin"},
                            data={"csrf_token": token, "email": OWNER, "password": PASSWORD})
@@ -141,19 +141,30 @@ def test_cookies_are_secure_behind_https(owner_portal):
     assert "Secure" in set_cookie_header(response, auth.DEVICE_COOKIE)
 
 
-def test_signing_in_replaces_the_session_id(owner_portal):
+def test_signing_in_replaces_the_session(owner_portal):
     _, app = owner_portal
     client = app.test_client()
     csrf(client, "/signin")
-    before = client.get_cookie(sessions.COOKIE).value
+    before = client.get_cookie(sessions.ANON_COOKIE).value
+    assert client.get_cookie(sessions.COOKIE) is None
     sign_in(client, OWNER)
-    after = client.get_cookie(sessions.COOKIE).value
-    assert after != before and is_signed_in(client)
+    assert is_signed_in(client) and client.get_cookie(sessions.ANON_COOKIE) is None
 
-    planted = app.test_client()  # a browser that knows the id from before sign-in
-    planted.set_cookie(sessions.COOKIE, before)
+    planted = app.test_client()  # a browser that knows the cookie from before sign-in
+    planted.set_cookie(sessions.ANON_COOKIE, before)
     assert not is_signed_in(planted)
-    assert WebSession.get(WebSession.id_hash == tokens.hash_token(before)).ended_at is not None
+
+
+def test_signing_in_from_a_planted_server_session_id_gets_a_new_one(owner_portal):
+    _, app = owner_portal
+    client = app.test_client()
+    sign_in(client, OWNER)
+    earlier = client.get_cookie(sessions.COOKIE).value
+    client.post("/signout", data={"csrf_token": csrf(client, "/account/password")})
+    client.set_cookie(sessions.COOKIE, earlier)  # planted: an id an attacker knows
+    sign_in(client, OWNER)
+    assert client.get_cookie(sessions.COOKIE).value != earlier and is_signed_in(client)
+    assert WebSession.get(WebSession.id_hash == tokens.hash_token(earlier)).ended_at is not None
 
 
 def test_signing_out_ends_the_session_on_the_server(owner_portal):

@@ -27,7 +27,7 @@ from flask_limiter import Limiter
 
 from mailbridge import tokens
 from mailbridge.actions.share import deadline_text
-from mailbridge.models import Account, Grant, OneTimeCode
+from mailbridge.models import Account, AuditEvent, Grant, OneTimeCode
 from mailbridge.outbound import compose, outbox
 from mailbridge.passwords import password_problem
 from mailbridge.web import access, auth, sessions
@@ -41,6 +41,7 @@ CODE_MINUTES = 10
 CODE_MAX_ATTEMPTS = 5
 CODES_PER_WINDOW, CODE_WINDOW = 3, dt.timedelta(minutes=15)
 VERIFIED_FOR = dt.timedelta(minutes=15)  # from a right code to the chosen password
+LINK_VIEW_WINDOW = dt.timedelta(hours=1)
 
 # Per IP. Link lookups are limited for every request, so guessing tokens is slow.
 LIMITS = {"link_page": "30/minute", "next_step": "30/minute", "send_code": "5/minute",
@@ -75,7 +76,7 @@ def link_page(token: str):
     if grant is None:
         return _not_found()
     state = grant_state(grant, access.now())
-    if request.method == "GET":
+    if request.method == "GET" and not _shown_lately(grant):
         access.record("link_shown", share=grant.share_id, grant=grant, detail={"state": state})
     return _state_page(grant, state)
 
@@ -133,6 +134,8 @@ def verify_code(token: str):
     problem = _check_code(grant, request.form.get("code", ""))
     if problem is not None:
         return _show(grant, "link_enter_code.html", error=problem, status=400)
+    # A proven mailbox is worth stealing: it gets a session identity of its own.
+    sessions.rotate(session._get_current_object())
     session["verified"] = {"grant_id": grant.id, "address": grant.address,
                            "at": access.now().isoformat()}
     return _to_next(token)
@@ -196,6 +199,17 @@ def _find(token: str) -> Grant | None:
     if len(token) > MAX_TOKEN:
         return None
     return Grant.get_or_none(Grant.token_hash == tokens.hash_token(token))
+
+
+def _shown_lately(grant: Grant) -> bool:
+    """Was the link page shown to this client (IP and user agent) in the last hour? Repeated
+    views (reloads, a scanner's retries) are one audit event an hour, not a row each."""
+    who = access.client()
+    return (AuditEvent.select().where(
+        (AuditEvent.grant == grant) & (AuditEvent.kind == "link_shown")
+        & (AuditEvent.at > access.now() - LINK_VIEW_WINDOW)
+        & (AuditEvent.ip == who["ip"]) & (AuditEvent.user_agent == who["user_agent"]))
+        .exists())
 
 
 def _not_found():

@@ -1,14 +1,17 @@
-"""Server-side portal sessions: the browser holds a random id (HttpOnly, SameSite=Lax), the
-database holds its hash, who is signed in, and small per-session data (the CSRF token).
+"""Portal sessions. Signed in: server-side — the browser holds a random id (HttpOnly,
+SameSite=Lax), the database its hash, the account and small data (the CSRF token); signing
+out, a password reset or a revoked account end them at once. Not signed in: the little there
+is (a CSRF token, which codes were sent, a mailbox just proven) travels sealed in a cookie of
+its own, so no page shown to anyone — a scanner, a bot asking for /signin — writes a row.
 
-A session row is written only when something is stored in it, so showing a page to a mail
-scanner creates nothing. Idle and absolute timeouts are checked on every request; signing
-out, a password reset or a revoked account end sessions at once.
+Idle and absolute timeouts are checked on every request for both.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import secrets
 
 from flask import Flask, Request, Response
@@ -16,10 +19,13 @@ from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
 
 from mailbridge.models import Account, WebSession
-from mailbridge.runtime import Runtime
+from mailbridge.runtime import Runtime, derive_key
+from mailbridge.storage import seal, unseal
 from mailbridge.tokens import hash_token
 
 COOKIE = "mb_session"
+ANON_COOKIE = "mb_anon"
+MAX_ANON_BYTES = 3000  # a cookie holds 4 KB; anonymous data is a token and a few ids
 
 
 class ServerSession(CallbackDict, SessionMixin):
@@ -33,6 +39,8 @@ class ServerSession(CallbackDict, SessionMixin):
         self.new_id: str | None = None  # set when the id must be (re)issued
         self.account: Account | None = row.account if row is not None else None
         self.ended = False
+        self.anonymous_since: dt.datetime | None = None  # when the anonymous cookie began
+        self.anonymous_seen: dt.datetime | None = None  # when it was last written
 
 
 class DatabaseSessionInterface(SessionInterface):
@@ -42,16 +50,17 @@ class DatabaseSessionInterface(SessionInterface):
         self.idle = dt.timedelta(minutes=web.session_idle_minutes)
         self.absolute = dt.timedelta(hours=web.session_absolute_hours)
         self.secure = runtime.settings.service.base_url.startswith("https://")
+        self._anon_key = derive_key(runtime.web_key, "anonymous session")
 
     def open_session(self, app: Flask, request: Request) -> ServerSession:
         sid = request.cookies.get(COOKIE, "")
         if not sid or len(sid) > 100:
-            return ServerSession()
+            return self._open_anonymous(request)
         now = self.runtime.clock()
         row = (WebSession.select().where((WebSession.id_hash == hash_token(sid))
                                          & WebSession.ended_at.is_null()).first())
         if row is None:
-            return ServerSession()
+            return self._open_anonymous(request)
         if now - row.last_seen_at > self.idle or now - row.created_at > self.absolute:
             end_session(row, now)
             return ServerSession()
@@ -61,15 +70,55 @@ class DatabaseSessionInterface(SessionInterface):
             WebSession.update(last_seen_at=now).where(WebSession.id_hash == row.id_hash).execute()
         return session
 
+    def _open_anonymous(self, request: Request) -> ServerSession:
+        raw = request.cookies.get(ANON_COOKIE, "")
+        if not raw or len(raw) > 2 * MAX_ANON_BYTES:
+            return ServerSession()
+        try:
+            sealed = base64.urlsafe_b64decode(raw.encode("ascii") + b"==")
+            state = json.loads(unseal(self._anon_key, sealed, b"anonymous session"))
+            since = dt.datetime.fromisoformat(state["since"])
+            seen = dt.datetime.fromisoformat(state["seen"])
+            data = dict(state["data"])
+        except Exception:  # noqa: BLE001 - forged, truncated or old: start afresh
+            return ServerSession()
+        now = self.runtime.clock()
+        if now - seen > self.idle or now - since > self.absolute:
+            return ServerSession()
+        session = ServerSession(data)
+        session.anonymous_since, session.anonymous_seen = since, seen
+        return session
+
+    def _save_anonymous(self, session: ServerSession, response: Response,
+                        now: dt.datetime) -> None:
+        if not session:
+            if session.anonymous_since is not None or session.ended:
+                response.delete_cookie(ANON_COOKIE, path="/", secure=self.secure,
+                                       httponly=True, samesite="Lax")
+            return
+        state = {"since": (session.anonymous_since or now).isoformat(),
+                 "seen": now.isoformat(), "data": dict(session)}
+        sealed = seal(self._anon_key, json.dumps(state).encode(), b"anonymous session")
+        value = base64.urlsafe_b64encode(sealed).decode("ascii").rstrip("=")
+        if len(value) > 2 * MAX_ANON_BYTES:
+            return  # never happens with what the portal stores; refuse rather than break
+        response.set_cookie(ANON_COOKIE, value, httponly=True, secure=self.secure,
+                            samesite="Lax", path="/")
+
     def save_session(self, app: Flask, session: ServerSession, response: Response) -> None:
         now = self.runtime.clock()
-        if session.ended and not session:
-            response.delete_cookie(COOKIE, path="/", secure=self.secure, httponly=True,
-                                   samesite="Lax")
+        if session.account is None:
+            if session.ended:
+                response.delete_cookie(COOKIE, path="/", secure=self.secure, httponly=True,
+                                       samesite="Lax")
+            # Anonymous: nothing in the database. Rewritten when changed or rotated (a new
+            # seal each time, so a cookie planted earlier never carries a later proof), and
+            # at most every 30 s to move the idle timeout on.
+            stale = (session.anonymous_seen is not None
+                     and now - session.anonymous_seen > dt.timedelta(seconds=30))
+            if session.modified or session.new_id is not None or session.ended or stale:
+                self._save_anonymous(session, response, now)
             return
-        # Stored after signing out (a "signed out" flash): a new anonymous session, new id.
-        if session.row is None and not session.modified and session.new_id is None:
-            return  # nothing stored: no row, no cookie
         if session.row is None or session.new_id is not None:
             sid = session.new_id or secrets.token_urlsafe(32)
             request_info = _request_info()
@@ -78,6 +127,8 @@ class DatabaseSessionInterface(SessionInterface):
                 created_at=now, last_seen_at=now, **request_info)
             response.set_cookie(COOKIE, sid, httponly=True, secure=self.secure,
                                 samesite="Lax", path="/")
+            response.delete_cookie(ANON_COOKIE, path="/", secure=self.secure, httponly=True,
+                                   samesite="Lax")
             session.new_id = None
         elif session.modified:
             (WebSession.update(data=dict(session))
@@ -93,6 +144,13 @@ def _request_info() -> dict:
 
 def end_session(row: WebSession, now: dt.datetime) -> None:
     WebSession.update(ended_at=now).where(WebSession.id_hash == row.id_hash).execute()
+
+
+def rotate(session: ServerSession) -> None:
+    """A new identity for an anonymous session whose state just gained weight (a mailbox was
+    proven): whatever cookie was planted or seen before carries none of it."""
+    session.new_id = secrets.token_urlsafe(32)
+    session.modified = True
 
 
 def sign_in(session: ServerSession, account: Account, now: dt.datetime) -> None:
