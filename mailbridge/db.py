@@ -18,6 +18,7 @@ SQLITE_PRAGMAS = {
     "foreign_keys": 1,
     "busy_timeout": 5000,
     "synchronous": "full",  # a 250 must survive power loss, not only a crash
+    "secure_delete": 1,  # deleted or replaced values (PHI) are overwritten, not left in free pages
 }
 
 # Errors that mean "the database is not usable right now" (locked, gone, connection lost):

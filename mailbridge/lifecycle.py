@@ -9,7 +9,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from mailbridge import audit, tokens
+from mailbridge import audit, phi, tokens
 from mailbridge.actions.share import deadline_text, link_url
 from mailbridge.models import AuditEvent, Document, Grant, OutboundMessage, Share
 from mailbridge.outbound import compose, outbox
@@ -232,11 +232,12 @@ def status_report(runtime: Runtime, share: Share) -> str:
     now = runtime.clock()
     tz = share.clinic.timezone
     documents = list(share.documents.order_by(Document.position, Document.id))
-    names = {d.id: d.filename for d in documents}
+    names = {d.id: phi.document_name(runtime, d) for d in documents}
     grants = _grants(share, None)
     sent = _link_sent_times(grants)
     events = _grant_events(grants)
-    title = f' "{share.title}"' if share.title else ""
+    title = phi.share_title(runtime, share)
+    title = f' "{title}"' if title else ""
     out = [f"Share{title} from {share.sender.name}, {local_time(share.created_at, tz)}",
            f"Documents: {', '.join(names.values()) or 'none'}",
            f"Times are in {tz}.", ""]

@@ -72,6 +72,7 @@ class InboundMessage(BaseModel):
     reason = pw.TextField(default="")
     finished_at = pw.DateTimeField(null=True)
     purged_at = pw.DateTimeField(null=True)
+    error_sealed = pw.BlobField(default=b"")  # a traceback (phi.py): it may quote the message
 
     class Meta:
         indexes = ((("state", "next_attempt_at"), False), (("client_ip", "received_at"), False),
@@ -82,8 +83,9 @@ class Share(BaseModel):
     clinic = pw.ForeignKeyField(Clinic, backref="shares", on_delete="RESTRICT")
     sender = pw.ForeignKeyField(Member, backref="shares", on_delete="RESTRICT")
     inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL")
-    title = pw.CharField(max_length=500, default="")
-    note_html = pw.TextField(default="")
+    # The member's subject and note are PHI: sealed, bound to this row (phi.py).
+    title_sealed = pw.BlobField(default=b"")
+    note_sealed = pw.BlobField(default=b"")
     created_at = pw.DateTimeField()
     # Message-ID + content hash: the same message arriving twice makes one share.
     dedupe_key = pw.CharField(max_length=128, unique=True)
@@ -94,7 +96,7 @@ class Share(BaseModel):
 class Document(BaseModel):
     share = pw.ForeignKeyField(Share, backref="documents", on_delete="CASCADE")
     position = pw.IntegerField()
-    filename = pw.CharField(max_length=255)
+    name_sealed = pw.BlobField(default=b"")  # the sender's filename is PHI too (phi.py)
     kind = pw.CharField(max_length=16)  # pdf, png, ... (config.DEFAULT_ALLOWED_TYPES)
     content_type = pw.CharField(max_length=100)
     size = pw.BigIntegerField()

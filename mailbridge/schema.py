@@ -13,11 +13,11 @@ V1_MODELS = [models.Clinic, models.Member, models.InboundMessage, models.Share,
              models.AuditEvent]
 
 
-def _v1_initial(db: peewee.Database) -> None:
+def _v1_initial(db: peewee.Database, phi_key: bytes | None) -> None:
     db.create_tables(V1_MODELS)
 
 
-def _v2_portal(db: peewee.Database) -> None:
+def _v2_portal(db: peewee.Database, phi_key: bytes | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     migrator = SchemaMigrator.from_database(db)
@@ -26,7 +26,7 @@ def _v2_portal(db: peewee.Database) -> None:
     db.create_tables([models.WebSession, models.OneTimeCode, models.PasswordReset])
 
 
-def _v3_lifecycle(db: peewee.Database) -> None:
+def _v3_lifecycle(db: peewee.Database, phi_key: bytes | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     migrator = SchemaMigrator.from_database(db)
@@ -36,7 +36,7 @@ def _v3_lifecycle(db: peewee.Database) -> None:
             migrate(migrator.add_column("grant", name, getattr(models.Grant, name)))
 
 
-def _v4_intake_origin(db: peewee.Database) -> None:
+def _v4_intake_origin(db: peewee.Database, phi_key: bytes | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     migrator = SchemaMigrator.from_database(db)
@@ -51,7 +51,7 @@ def _v4_intake_origin(db: peewee.Database) -> None:
         migrate(migrator.add_index("inbound_message", ("client_ip", "received_at"), False))
 
 
-def _v5_seen_messages(db: peewee.Database) -> None:
+def _v5_seen_messages(db: peewee.Database, phi_key: bytes | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     db.create_tables([models.SeenMessage], safe=True)
@@ -61,13 +61,60 @@ def _v5_seen_messages(db: peewee.Database) -> None:
             "inbound_message", ("envelope_from", "received_at"), False))
 
 
-MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
+def _v6_sealed_phi(db: peewee.Database, phi_key: bytes | None) -> None:
+    """Titles, notes and file names move into sealed columns; tracebacks of failed messages
+    too (their text may quote a message). The clear columns are dropped."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    from mailbridge import phi
+
+    migrator = SchemaMigrator.from_database(db)
+    for field in (models.Share.title_sealed, models.Share.note_sealed,
+                  models.Document.name_sealed, models.InboundMessage.error_sealed):
+        table = field.model._meta.table_name
+        if field.column_name not in {c.name for c in db.get_columns(table)}:
+            migrate(migrator.add_column(table, field.column_name, field))
+    moves = ((models.Share, "title", "title_sealed", "title"),
+             (models.Share, "note_html", "note_sealed", "note"),
+             (models.Document, "filename", "name_sealed", "name"))
+    for model, old, new, column in moves:
+        table = model._meta.table_name
+        if old not in {c.name for c in db.get_columns(table)}:
+            continue
+        rows = db.execute_sql(f'SELECT id, "{old}" FROM "{table}"').fetchall()  # noqa: S608
+        for row_id, text in rows:
+            if text:
+                model.update({new: phi.seal_text(_key(phi_key), table, column, row_id, text)}
+                             ).where(model.id == row_id).execute()
+        migrate(migrator.drop_column(table, old))
+    failed = (models.InboundMessage.select(models.InboundMessage.id, models.InboundMessage.reason)
+              .where(models.InboundMessage.reason.startswith("Traceback")))
+    for row in failed:
+        sealed = phi.seal_text(_key(phi_key), "inbound_message", "error", row.id, row.reason)
+        (models.InboundMessage.update(
+            error_sealed=sealed,
+            reason=f"unexpected error; see `mailbridge spool show {row.id}`")
+         .where(models.InboundMessage.id == row.id).execute())
+
+
+class KeyNeeded(RuntimeError):
+    """A migration must seal existing rows and was given no key."""
+
+
+def _key(phi_key: bytes | None) -> bytes:
+    if phi_key is None:
+        raise KeyNeeded("sealing existing rows needs the master key")
+    return phi_key
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, bytes | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
     (3, "reminders and sender notifications on grants", _v3_lifecycle),
     (4, "where each inbound message came from (client IP, protocol)", _v4_intake_origin),
     (5, "members' messages acted on (a replay is refused by the database); per-sender budgets",
      _v5_seen_messages),
+    (6, "titles, notes, file names and error text sealed (PHI at rest)", _v6_sealed_phi),
 ]
 LATEST = MIGRATIONS[-1][0]
 
@@ -79,15 +126,19 @@ def current_version(db: peewee.Database) -> int:
     return row or 0
 
 
-def upgrade(db: peewee.Database, now) -> list[str]:
-    """Apply pending migrations; returns their descriptions. Safe to run repeatedly."""
+def upgrade(db: peewee.Database, now, phi_key: bytes | None = None) -> list[str]:
+    """Apply pending migrations; returns their descriptions. Safe to run repeatedly.
+    `phi_key` (Runtime.phi_key) is needed when existing rows must be sealed."""
     applied = []
     with db.atomic():
         db.create_tables([models.SchemaVersion], safe=True)
         version = current_version(db)
         for number, description, apply in MIGRATIONS:
             if number > version:
-                apply(db)
+                apply(db, phi_key)
                 models.SchemaVersion.create(version=number, applied_at=now)
                 applied.append(f"{number}: {description}")
+    if applied and isinstance(db, peewee.SqliteDatabase):
+        # Values just sealed must not linger in clear in the write-ahead log.
+        db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     return applied

@@ -9,6 +9,7 @@ import logging
 
 import peewee
 
+from mailbridge import phi
 from mailbridge.models import InboundMessage
 from mailbridge.runtime import Runtime
 from mailbridge.storage import StorageError, put_bytes, read_all
@@ -120,9 +121,13 @@ def retry_later(runtime: Runtime, row: InboundMessage, reason: str) -> str:
     return "queued"
 
 
-def park_failed(runtime: Runtime, row: InboundMessage, error: str) -> None:
+def park_failed(runtime: Runtime, row: InboundMessage, reason: str, details: str = "") -> None:
+    """`reason` names the failure without quoting anything; `details` (a traceback, whose
+    exception text may quote the message) is kept sealed for `mailbridge spool show`."""
     with runtime.db.atomic():
-        conclude(row, "failed", "error", error, runtime.clock())
+        conclude(row, "failed", "error", reason, runtime.clock())
+        if details:
+            phi.seal_error(runtime, row, details)
 
 
 def release(runtime: Runtime, row: InboundMessage) -> None:

@@ -52,12 +52,13 @@ def handle(runtime: Runtime, row: InboundMessage) -> str:
     except StorageError as exc:
         log.warning("inbound #%d: storage problem (%s); will retry", row.id, exc)
         return spool.retry_later(runtime, row, f"storage problem: {exc}")
-    except Exception:
-        # The traceback goes to the spool row (operators only), not to the log: exception
-        # messages can quote message content.
-        log.error("inbound #%d: unexpected error; parked as failed (see `mailbridge spool list`)",
-                  row.id)
-        spool.park_failed(runtime, row, traceback.format_exc(limit=20))
+    except Exception as exc:
+        # The traceback goes to the spool row, sealed (operators only), not to the log:
+        # exception messages can quote message content.
+        log.error("inbound #%d: unexpected error; parked as failed (see `mailbridge spool show "
+                  "%d`)", row.id, row.id)
+        spool.park_failed(runtime, row, f"unexpected error ({type(exc).__name__}); see "
+                          f"`mailbridge spool show {row.id}`", traceback.format_exc(limit=20))
         return "failed"
 
 

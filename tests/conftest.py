@@ -13,7 +13,7 @@ import pytest
 
 from mailbridge import schema
 from mailbridge.clock import system_clock
-from mailbridge.config import Settings, load_settings
+from mailbridge.config import Settings, load_settings, read_master_key
 from mailbridge.runtime import build_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,10 @@ def start_service(tmp_path, db_url, sink, keyring, **env):
     }
     values.update(env)
     settings = make_settings(tmp_path / "data", db_url, **values)
-    rt = build_runtime(settings, master_key=secrets.token_bytes(32), dnsfunc=keyring.dnsfunc)
+    # The data directory's own key when `mailbridge init` made one (the CLI reads with it).
+    key = (read_master_key(settings, env={}) if settings.master_key_path.exists()
+           else secrets.token_bytes(32))
+    rt = build_runtime(settings, master_key=key, dnsfunc=keyring.dnsfunc)
     schema.upgrade(rt.db, system_clock())
     svc = Service(rt)
     svc.start()

@@ -8,7 +8,7 @@ import datetime as dt
 import re
 import secrets
 
-from mailbridge import tokens
+from mailbridge import phi, tokens
 from mailbridge.clock import ManualClock
 from mailbridge.models import Account, Document, Grant, Share, WebSession
 from mailbridge.passwords import hash_password
@@ -39,14 +39,16 @@ def make_share(runtime, recipients=("dr.smith@ortho.example",), documents=None,
     now = runtime.clock()
     documents = documents if documents is not None else [
         ("plan-of-care.pdf", "pdf", "application/pdf", pdf_bytes("plan", size=3000))]
-    share = Share.create(clinic=member.clinic, sender=member, title=title, note_html=note_html,
-                         created_at=now, dedupe_key=tokens.new_link_token(),
+    share = Share.create(clinic=member.clinic, sender=member, created_at=now,
+                         dedupe_key=tokens.new_link_token(),
                          reply_key_hash=tokens.new_link_token())
+    phi.seal_share(runtime, share, title, note_html)
     for position, (name, kind, content_type, data) in enumerate(documents):
         blob = put_bytes(runtime.documents, data)
-        Document.create(share=share, position=position, filename=name, kind=kind,
-                        content_type=content_type, size=blob.size, sha256=blob.sha256,
-                        blob_id=blob.blob_id, blob_key=blob.wrapped_key)
+        document = Document.create(share=share, position=position, kind=kind,
+                                   content_type=content_type, size=blob.size, sha256=blob.sha256,
+                                   blob_id=blob.blob_id, blob_key=blob.wrapped_key)
+        phi.seal_document_name(runtime, document, name)
     links = {}
     for address in recipients:
         token = tokens.new_link_token()

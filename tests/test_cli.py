@@ -74,6 +74,23 @@ def test_init_creates_data_dir_private_key_and_schema(cfg, tmp_path):
     assert "created master key" in out and "back it up" in out
     assert "1: initial tables" in out
     assert f"schema version {LATEST} (latest {LATEST})" in ok(cfg, "db", "version")
+    # Private to the service's user from the start: the folder and every file in it.
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.name == "mailbridge.db" for p in files)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
+def test_init_makes_an_older_data_directory_private(cfg, tmp_path):
+    data = tmp_path / "data"
+    (data / "documents" / "ab").mkdir(parents=True)
+    old = data / "documents" / "ab" / ("ab" + "0" * 30)
+    old.write_bytes(b"sealed")
+    for path, mode in ((data, 0o755), (data / "documents", 0o755), (old, 0o644)):
+        path.chmod(mode)
+    assert "made 3 file(s) and folder(s) private" in ok(cfg, "init")
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    assert stat.S_IMODE((data / "documents").stat().st_mode) == 0o700
 
 
 def test_second_init_keeps_the_key(ready, tmp_path):
@@ -231,14 +248,16 @@ def test_failed_message_is_listed_and_retry_queues_it_again(ready):
     try:
         row = spool.enqueue(runtime, b"Subject: x\r\n\r\nbody\r\n", channel="smtp",
                             envelope_from=MEMBER, envelope_to=["share@portal.example"])
-        spool.park_failed(runtime, row, "Traceback (most recent call last):\n"
-                                        "RuntimeError: simulated bug")
+        spool.park_failed(runtime, row, "unexpected error (RuntimeError)",
+                          "Traceback (most recent call last):\nRuntimeError: simulated bug")
     finally:
         runtime.db.close()
 
     [line] = ok(ready, "spool", "list").splitlines()
     assert line.startswith(f"#{row.id}\t")
-    assert "\tfailed\t" in line and line.endswith("RuntimeError: simulated bug")
+    assert "\tfailed\t" in line and line.endswith("unexpected error (RuntimeError)")
+    shown = ok(ready, "spool", "show", str(row.id))
+    assert "state: failed (error)" in shown and "RuntimeError: simulated bug" in shown
     assert ok(ready, "spool", "list", "--state", "queued") == ""
 
     assert "queued again" in ok(ready, "spool", "retry", str(row.id))

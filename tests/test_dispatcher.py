@@ -66,8 +66,8 @@ def share_with_mail(runtime, recipients: list[str]) -> tuple[Share, list[Grant]]
     with runtime.db.atomic():
         clinic = Clinic.create(name="Riverside PT", created_at=now)
         member = Member.create(email=SENDER, name="Jane Doe", clinic=clinic, created_at=now)
-        share = Share.create(clinic=clinic, sender=member, title="POC for patient R.T.",
-                             created_at=now, dedupe_key="k1", reply_key_hash="r1")
+        share = Share.create(clinic=clinic, sender=member, created_at=now, dedupe_key="k1",
+                             reply_key_hash="r1")
         grants = []
         for i, address in enumerate(recipients):
             grant = Grant.create(share=share, address=address, token_hash=f"t{i}",
@@ -79,7 +79,7 @@ def share_with_mail(runtime, recipients: list[str]) -> tuple[Share, list[Grant]]
                                      document_count=1, deadline_text="tomorrow 09:00")
             outbox.enqueue(runtime, msg, kind="link", to_addr=address, share=share, grant=grant)
         msg = compose.receipt_email(settings, to=SENDER, sender_name="Jane Doe",
-                                    share_title=share.title, recipients=recipients,
+                                    share_title="POC for patient R.T.", recipients=recipients,
                                     filenames=["plan-of-care.pdf"], deadline_text="tomorrow",
                                     reply_address="reply+abc@reply.portal.example",
                                     in_reply_to="<orig@clinic.example>")

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from mailbridge import spool, storage, tokens
+from mailbridge import phi, spool, storage, tokens
 from mailbridge.models import AuditEvent, Document, Grant, InboundMessage, OutboundMessage, Share
 from tests.helpers import MEMBER, add_jane, pdf_bytes, share_message
 
@@ -36,9 +36,10 @@ def test_signed_member_message_makes_links_and_receipt(service):
     service.drain()
 
     share = Share.get()
-    assert share.title == "POC Rose Taylor" and share.sender.email == MEMBER
+    assert phi.share_title(service.runtime, share) == "POC Rose Taylor"
+    assert share.sender.email == MEMBER
     [doc] = list(share.documents)
-    assert doc.filename == "Rose Taylor POC.pdf" and doc.kind == "pdf"
+    assert phi.document_name(service.runtime, doc) == "Rose Taylor POC.pdf" and doc.kind == "pdf"
     # Encrypted at rest, and what comes back out is byte-identical.
     assert storage.read_all(service.runtime.documents, doc.blob_id, bytes(doc.blob_key)) == pdf
     assert doc.sha256 == hashlib.sha256(pdf).hexdigest()
@@ -166,7 +167,10 @@ def test_unexpected_error_parks_message_and_retry_processes_it(service, monkeypa
     service.send(share_message())
     service.drain()
     row = InboundMessage.get()
-    assert row.state == "failed" and "simulated bug" in row.reason
+    assert row.state == "failed" and row.reason.startswith("unexpected error (RuntimeError)")
+    # The exception's text may quote the message: kept sealed, not in the clear column.
+    assert "simulated bug" not in row.reason
+    assert "simulated bug" in phi.inbound_error(service.runtime, row)
     assert Share.select().count() == 0 and service.sink.messages == []
 
     monkeypatch.setattr(share_action, "create_share", original)

@@ -48,7 +48,7 @@ from tests.test_notifications import (
 def make_grant(now, hours=24, address="dr@x.example", state="pending"):
     member = add_jane() if not Share.select().exists() else Share.get().sender
     share = Share.get_or_none() or Share.create(
-        clinic=member.clinic, sender=member, title="t", created_at=now, dedupe_key="k",
+        clinic=member.clinic, sender=member, created_at=now, dedupe_key="k",
         reply_key_hash="r")
     return Grant.create(share=share, address=address, token_hash=address, state=state,
                         deadline=now + dt.timedelta(hours=hours), created_at=now)

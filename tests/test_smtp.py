@@ -270,7 +270,9 @@ def test_header_watch_refuses_without_keeping_the_body():
                 break
         return seen, returned, watch, await reader.readuntil(b"\r\n")
 
-    seen, returned, watch, after = asyncio.run(run())
+    # In a thread of its own: the browser tests' Playwright keeps a loop in the main thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        seen, returned, watch, after = pool.submit(asyncio.run, run()).result()
     assert seen == [b"From: eve@evil.example\r\nSubject: x\r\n"]
     # The body never reaches aiosmtpd: the header lines, then the end of DATA.
     assert returned == [b"From: eve@evil.example\r\n", b"Subject: x\r\n", END_OF_DATA]

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mailbridge import tokens
+from mailbridge import phi, tokens
 from mailbridge.clock import ManualClock
 from mailbridge.models import (
     Account,
@@ -45,11 +45,13 @@ def portal(runtime):
     clock = ManualClock(dt.datetime(2026, 11, 28, 12, 0))
     rt = dataclasses.replace(runtime, clock=clock)
     member = add_jane()
-    share = Share.create(clinic=member.clinic, sender=member, title="POC R.T.",
-                         created_at=clock(), dedupe_key="k", reply_key_hash="r")
-    Document.create(share=share, position=0, filename="secret-name.pdf", kind="pdf",
-                    content_type="application/pdf", size=1, sha256="0", blob_id="b" * 32,
-                    blob_key=b"")
+    share = Share.create(clinic=member.clinic, sender=member, created_at=clock(),
+                         dedupe_key="k", reply_key_hash="r")
+    phi.seal_share(rt, share, "POC R.T.", "")
+    document = Document.create(share=share, position=0, kind="pdf",
+                               content_type="application/pdf", size=1, sha256="0",
+                               blob_id="b" * 32, blob_key=b"")
+    phi.seal_document_name(rt, document, "secret-name.pdf")
     token = tokens.new_link_token()
     grant = Grant.create(share=share, address="dr@x.example", token_hash=tokens.hash_token(token),
                          deadline=clock() + dt.timedelta(hours=24), created_at=clock())
@@ -173,8 +175,8 @@ def test_first_time_recipient_proves_the_mailbox_creates_an_account_and_claims(f
     assert row.to_addr == ADDRESS and row.grant_id == f.grant.id and msg["To"] == ADDRESS
     code = latest_code(f.runtime)
     assert code in msg["Subject"]
-    for phi in (b"plan-of-care", b"POC for R.T.", b"Please review"):
-        assert phi not in raw
+    for secret in (b"plan-of-care", b"POC for R.T.", b"Please review"):
+        assert secret not in raw
     stored = OneTimeCode.get(OneTimeCode.grant == f.grant)
     assert code not in stored.code_hash
     assert AuditEvent.select().where(AuditEvent.kind == "code_sent").count() == 1

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import peewee
 
-from mailbridge import audit, replay, spool, tokens
+from mailbridge import audit, phi, replay, spool, tokens
 from mailbridge.models import Document, Grant, InboundMessage, Member, Share
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Done
@@ -67,18 +67,19 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
     reply_key = tokens.new_reply_key()
     with runtime.db.atomic():
         replay.remember(member, keys, row, now)
-        share = Share.create(clinic=clinic, sender=member, inbound=row, title=request.title,
-                             note_html=request.note_html, created_at=now, dedupe_key=key,
-                             reply_key_hash=tokens.hash_token(reply_key))
+        share = Share.create(clinic=clinic, sender=member, inbound=row, created_at=now,
+                             dedupe_key=key, reply_key_hash=tokens.hash_token(reply_key))
+        phi.seal_share(runtime, share, request.title, request.note_html)
         audit.record("share_created", now, actor=member.email, share=share, member=member,
                      inbound=row, detail={"documents": len(blobs),
                                           "recipients": len(request.recipients)})
         for position, (attachment, blob) in enumerate(zip(request.attachments, blobs,
                                                           strict=True)):
-            Document.create(share=share, position=position, filename=attachment.filename,
-                            kind=attachment.kind, content_type=attachment.content_type,
-                            size=blob.size, sha256=blob.sha256, blob_id=blob.blob_id,
-                            blob_key=blob.wrapped_key)
+            document = Document.create(share=share, position=position, kind=attachment.kind,
+                                       content_type=attachment.content_type, size=blob.size,
+                                       sha256=blob.sha256, blob_id=blob.blob_id,
+                                       blob_key=blob.wrapped_key)
+            phi.seal_document_name(runtime, document, attachment.filename)
         for address in request.recipients:
             token = tokens.new_link_token()
             grant = Grant.create(share=share, address=address,
@@ -100,7 +101,8 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
         queued = outbox.enqueue(runtime, receipt, kind="receipt", to_addr=member.email,
                                 share=share)
         share.receipt_message_id = queued.message_id
-        share.save()
+        (Share.update(receipt_message_id=queued.message_id)
+         .where(Share.id == share.id).execute())
         spool.conclude(row, "done", "share", f"share #{share.id}", now)
     return share
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -13,6 +14,7 @@ from mailbridge.config import ConfigError
 __all__ = ["DEFAULT_CONFIG", "Context", "cli", "main", "pass_ctx"]
 
 DEFAULT_CONFIG = "config.toml"
+PRIVATE_UMASK = 0o077
 
 
 @click.group()
@@ -21,6 +23,8 @@ DEFAULT_CONFIG = "config.toml"
 @click.pass_context
 def cli(ctx: click.Context, config_path: str) -> None:
     """mailbridge: share documents by e-mail through a secure portal."""
+    # Everything the service writes (database, WAL, blobs, outbox) is for its own user only.
+    os.umask(PRIVATE_UMASK)
     ctx.obj = Context(config_path)
 
 

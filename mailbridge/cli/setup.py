@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
 
 import click
 
@@ -17,7 +19,7 @@ from mailbridge.storage import create_master_key_file
 def init(ctx: Context) -> None:
     """Create the data directory, the master key and the database schema."""
     settings = ctx.settings
-    settings.service.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.service.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path = settings.master_key_path
     if not os.environ.get("MAILBRIDGE_MASTER_KEY"):
         key_path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,8 +29,26 @@ def init(ctx: Context) -> None:
         else:
             click.echo(f"master key {key_path} already exists; kept")
     runtime = ctx.runtime
-    applied = schema.upgrade(runtime.db, system_clock())
+    applied = schema.upgrade(runtime.db, system_clock(), runtime.phi_key)
     click.echo("database schema: " + (", ".join(applied) if applied else "already current"))
+    tightened = make_private(settings.service.data_dir)
+    if tightened:
+        click.echo(f"data directory: made {tightened} file(s) and folder(s) private to this user")
+
+
+def make_private(directory: Path) -> int:
+    """The data directory 0700 with everything in it 0700 (folders) or 0600 (files), as an
+    installation made before this rule, or copied with other modes, may not be. Returns how
+    many modes were changed."""
+    changed = 0
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        wanted = 0o700 if path.is_dir() else 0o600
+        if stat.S_IMODE(path.stat().st_mode) != wanted:
+            path.chmod(wanted)
+            changed += 1
+    return changed
 
 
 @click.group()
@@ -40,7 +60,7 @@ def db() -> None:
 @pass_ctx
 def db_upgrade(ctx: Context) -> None:
     """Apply pending schema migrations."""
-    applied = schema.upgrade(ctx.runtime.db, system_clock())
+    applied = schema.upgrade(ctx.runtime.db, system_clock(), ctx.runtime.phi_key)
     click.echo("applied: " + ", ".join(applied) if applied else "schema already current")
 
 

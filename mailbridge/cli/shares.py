@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mailbridge import lifecycle
+from mailbridge import lifecycle, phi
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.models import Document, Grant, Share
 
@@ -32,16 +32,17 @@ def shares_list(ctx: Context, limit: int) -> None:
 @pass_ctx
 def shares_show(ctx: Context, share_id: int) -> None:
     """One share: documents and recipients."""
-    ctx.ready_runtime()
+    runtime = ctx.ready_runtime()
     share = Share.get_or_none(Share.id == share_id)
     if share is None:
         raise click.BadParameter(f"no share #{share_id}", param_hint="ID")
     click.echo(f"share #{share.id} created {share.created_at:%Y-%m-%d %H:%M}Z by "
                f"{share.sender.name} <{share.sender.email}> ({share.clinic.name})")
-    click.echo(f"title: {share.title}")
+    click.echo(f"title: {phi.share_title(runtime, share)}")
     click.echo("documents:")
     for d in share.documents.order_by(Document.position):
-        click.echo(f"  {d.filename}\t{d.kind}\t{d.size} bytes\tsha256 {d.sha256[:16]}…")
+        click.echo(f"  {phi.document_name(runtime, d)}\t{d.kind}\t{d.size} bytes\t"
+                   f"sha256 {d.sha256[:16]}…")
     click.echo("recipients:")
     for g in share.grants.order_by(Grant.id):
         click.echo(f"  {g.address}\t{g.state}\tdeadline {g.deadline:%Y-%m-%d %H:%M}Z\t"

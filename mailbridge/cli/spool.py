@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mailbridge import spool
+from mailbridge import phi, spool
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.models import InboundMessage
 
@@ -42,3 +42,24 @@ def spool_retry(ctx: Context, message_id: int) -> None:
         raise click.BadParameter(f"no failed message #{message_id} (or its raw message was "
                                  "purged)", param_hint="ID")
     click.echo(f"inbound #{message_id} queued again; a running service picks it up")
+
+
+@spool_group.command("show")
+@click.argument("message_id", type=int, metavar="ID")
+@pass_ctx
+def spool_show(ctx: Context, message_id: int) -> None:
+    """One inbound message: where it came from, what became of it, and the error kept (sealed)
+    when it failed."""
+    runtime = ctx.ready_runtime()
+    row = InboundMessage.get_or_none(InboundMessage.id == message_id)
+    if row is None:
+        raise click.BadParameter(f"no inbound message #{message_id}", param_hint="ID")
+    click.echo(f"inbound #{row.id} received {row.received_at:%Y-%m-%d %H:%M:%S}Z over "
+               f"{row.protocol or row.channel} from {row.client_ip or 'a mailbox'}")
+    click.echo(f"state: {row.state} ({row.outcome or 'pending'}), attempts {row.attempts}")
+    if row.reason:
+        click.echo(f"reason: {row.reason}")
+    error = phi.inbound_error(runtime, row)
+    if error:
+        click.echo("error:")
+        click.echo(error.rstrip("\n"))

@@ -10,7 +10,7 @@ from urllib.parse import quote
 from flask import Blueprint, Flask, Response, abort, render_template, request
 from flask_limiter import Limiter
 
-from mailbridge import notifications
+from mailbridge import notifications, phi
 from mailbridge.filenames import KIND_CONTENT_TYPES
 from mailbridge.models import Document, Grant
 from mailbridge.web import access
@@ -71,7 +71,8 @@ def _stream(document: Document, disposition: str, content_type: str) -> Response
     chunks = access.runtime().documents.open(document.blob_id, bytes(document.blob_key))
     response = Response(chunks, direct_passthrough=True, content_type=content_type)
     response.headers["Content-Length"] = str(document.size)
-    response.headers["Content-Disposition"] = content_disposition(disposition, document.filename)
+    name = phi.document_name(access.runtime(), document)
+    response.headers["Content-Disposition"] = content_disposition(disposition, name)
     return response
 
 
@@ -81,6 +82,7 @@ def view(document_id: int):
     document, _grant = _open_document(document_id)
     share = document.share
     return render_template("viewer.html", document=document, share=share,
+                           filename=phi.document_name(access.runtime(), document),
                            inline=inline_viewable(document),
                            image=document.kind in IMAGE_KINDS)
 

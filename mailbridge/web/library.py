@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 from flask import Blueprint, Flask, abort, flash, redirect, render_template, url_for
 from flask_limiter import Limiter
 
+from mailbridge import phi
 from mailbridge.models import Account, Clinic, Document, Grant, Member, Share
 from mailbridge.web import access
 from mailbridge.web.access import current_account, require_account
@@ -53,6 +54,7 @@ def local_time(at: dt.datetime, timezone: str) -> str:
 
 def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
     """The account's claimed shares (archived or not), newest first, with their documents."""
+    runtime = access.runtime()
     archived_filter = Grant.archived_at.is_null(False) if archived else Grant.archived_at.is_null()
     rows = (Share.select(Share, Clinic, Member)
             .join(Grant, on=(Grant.share == Share.id))
@@ -67,13 +69,15 @@ def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
                  .order_by(Document.position, Document.id))
         for document in query:
             documents[document.share_id].append(DocumentEntry(
-                id=document.id, filename=document.filename, type_label=document.kind.upper(),
+                id=document.id, filename=phi.document_name(runtime, document),
+                type_label=document.kind.upper(),
                 size_text=human_size(document.size)))
-    return [ShareEntry(share_id=share.id, title=share.title, clinic=share.clinic.name,
+    return [ShareEntry(share_id=share.id, title=phi.share_title(runtime, share),
+                       clinic=share.clinic.name,
                        sender=share.sender.name,
                        shared_at=local_time(share.created_at, share.clinic.timezone),
                        shared_at_iso=share.created_at.isoformat() + "Z",
-                       note_html=share.note_html, documents=documents[share.id])
+                       note_html=phi.share_note(runtime, share), documents=documents[share.id])
             for share in shares]
 
 
