@@ -91,7 +91,8 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
                              reply_key_hash=tokens.hash_token(reply_key))
         audit.record("share_created", now, actor=member.email, share=share, member=member,
                      inbound=row, detail={"documents": len(blobs),
-                                          "recipients": len(request.recipients)})
+                                          "recipients": len(request.recipients),
+                                          "protocol": row.protocol})
         for position, (attachment, blob) in enumerate(zip(request.attachments, blobs,
                                                           strict=True)):
             Document.create(share=share, position=position, filename=attachment.filename,
