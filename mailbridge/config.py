@@ -60,6 +60,11 @@ class SmtpSettings:
     max_bytes_per_hour_per_ip: int = 2 * 1024 ** 3
     max_messages_per_hour_per_sender: int = 200
     max_bytes_per_hour_per_sender: int = 1024 ** 3
+    # STARTTLS is offered when both are set; SIGHUP makes `serve` read them again.
+    tls_cert_file: str = ""  # PEM certificate chain, server certificate first
+    tls_key_file: str = ""
+    require_tls: bool = False  # refuse MAIL before STARTTLS (530 5.7.0)
+    implicit_tls_port: int = 0  # a second listener speaking TLS from the start; 0: off
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,11 +77,20 @@ class AddressSettings:
 class RelaySettings:
     host: str = "127.0.0.1"
     port: int = 25
-    starttls: bool = False
+    tls: str = ""  # "starttls" (the default), "implicit" or "none"; see `tls_mode`
+    ca_file: str = ""  # CA certificates (PEM) to trust instead of the system's
+    starttls: bool | None = None  # deprecated: true means tls = "starttls", false "none"
     username: str = ""
     password_env: str = "MAILBRIDGE_RELAY_PASSWORD"  # noqa: S105 - a variable name
     password_file: str = ""
     timeout_seconds: float = 30.0
+
+    @property
+    def tls_mode(self) -> str:
+        """`tls` if set, else what the deprecated `starttls` said, else "starttls"."""
+        if self.tls:
+            return self.tls
+        return "none" if self.starttls is False else "starttls"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +114,12 @@ class WebSettings:
     # Several gunicorn workers or nodes need a shared store, e.g. redis://host:6379.
     ratelimit_storage_uri: str = "memory://"
     proxies: int = 0  # reverse proxies in front that set X-Forwarded-For/-Proto
+    # waitress: a slow or stalled client holds a connection, not a thread; only complete
+    # requests reach the threads.
+    threads: int = 8
+    connection_limit: int = 1000
+    channel_timeout: float = 30.0  # seconds a connection may stay silent
+    cleanup_interval: float = 10.0  # how often silent connections are looked for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +252,8 @@ def _coerce(value: typing.Any, kind: typing.Any, key: str, source: str) -> typin
     def fail(expected: str) -> typing.NoReturn:
         raise ConfigError(f"{key}: expected {expected}, got {value!r} ({source})")
 
+    if kind == bool | None:  # optional only so that "not set" can be told from false
+        kind = bool
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -357,12 +379,20 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
         outbound=dataclasses.replace(
             s.outbound,
             maildir=str(absolute(Path(s.outbound.maildir)) if s.outbound.maildir
-                        else data_dir / "outbox")),
-        imap=dataclasses.replace(
-            s.imap, **{name: str(absolute(Path(value)))
-                       for name in ("ca_file", "password_file")
-                       if (value := getattr(s.imap, name))}),
+                        else data_dir / "outbox"),
+            smtp=dataclasses.replace(s.outbound.smtp,
+                                     **_absolute_files(s.outbound.smtp, ("ca_file",), absolute))),
+        imap=dataclasses.replace(s.imap, **_absolute_files(s.imap, ("ca_file", "password_file"),
+                                                          absolute)),
+        smtp=dataclasses.replace(s.smtp, **_absolute_files(s.smtp, ("tls_cert_file",
+                                                                    "tls_key_file"), absolute)),
     )
+
+
+def _absolute_files(section: typing.Any, names: tuple[str, ...],
+                    absolute: typing.Callable[[Path], Path]) -> dict[str, str]:
+    return {name: str(absolute(Path(value))) for name in names
+            if (value := getattr(section, name))}
 
 
 def _address(value: str, key: str) -> str:
@@ -396,6 +426,9 @@ def validate(s: Settings) -> None:
                           "than 0")
     if s.web.proxies < 0:
         raise ConfigError("[web] proxies: must be 0 or more")
+    for name in ("threads", "connection_limit", "channel_timeout", "cleanup_interval"):
+        if getattr(s.web, name) <= 0:
+            raise ConfigError(f"[web] {name}: must be more than 0")
     if s.smtp.max_message_bytes < 1024:
         raise ConfigError("[smtp] max_message_bytes: must be at least 1024")
     for name in ("max_messages_per_hour_per_ip", "max_bytes_per_hour_per_ip",
@@ -440,7 +473,37 @@ def validate(s: Settings) -> None:
                               "network (e.g. \"192.0.2.10\" or \"10.0.0.0/8\")") from None
     if s.worker.lease_seconds <= 0:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
+    _validate_smtp_tls(s.smtp)
+    _validate_relay_tls(s.outbound.smtp)
     _validate_imap(s.imap)
+
+
+def _validate_smtp_tls(smtp: SmtpSettings) -> None:
+    if bool(smtp.tls_cert_file) != bool(smtp.tls_key_file):
+        missing = "tls_key_file" if smtp.tls_cert_file else "tls_cert_file"
+        other = "tls_cert_file" if smtp.tls_cert_file else "tls_key_file"
+        raise ConfigError(f"[smtp] {missing}: required when [smtp] {other} is set")
+    if not smtp.tls_cert_file:
+        for name, on in (("require_tls", smtp.require_tls),
+                         ("implicit_tls_port", smtp.implicit_tls_port)):
+            if on:
+                raise ConfigError(f"[smtp] {name}: needs a certificate; set [smtp] "
+                                  f"tls_cert_file and tls_key_file")
+    if not 0 <= smtp.implicit_tls_port <= 65535:
+        raise ConfigError(f"[smtp] implicit_tls_port: {smtp.implicit_tls_port} is not a TCP "
+                          f"port")
+    if smtp.implicit_tls_port and smtp.implicit_tls_port == smtp.port:
+        raise ConfigError("[smtp] implicit_tls_port: must differ from [smtp] port")
+
+
+def _validate_relay_tls(relay: RelaySettings) -> None:
+    if relay.tls not in ("", "starttls", "implicit", "none"):
+        raise ConfigError(f"[outbound.smtp] tls: expected \"starttls\", \"implicit\" or "
+                          f"\"none\", got {relay.tls!r}")
+    if relay.tls and relay.starttls is not None \
+            and (relay.tls == "starttls") != relay.starttls:
+        raise ConfigError(f"[outbound.smtp] starttls: deprecated, and contradicts [outbound.smtp]"
+                          f" tls = {relay.tls!r}; remove it")
 
 
 def _validate_imap(imap: ImapSettings) -> None:

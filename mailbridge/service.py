@@ -4,6 +4,7 @@ portal in one process, started in dependency order and stopped in reverse."""
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,12 +16,16 @@ from mailbridge.outbound import outbox
 from mailbridge.outbound.dispatcher import Dispatcher
 from mailbridge.outbound.mailer import make_mailer
 from mailbridge.receive.imap import ImapPoller
-from mailbridge.receive.smtp import make_controller
+from mailbridge.receive.smtp import make_controller, make_implicit_tls_controller
+from mailbridge.receive.tls import ServerCertificate
 from mailbridge.runtime import Runtime
 from mailbridge.web import create_app
 from mailbridge.worker import Worker, node_name
 
 log = logging.getLogger(__name__)
+
+# Open files beyond the portal's connections: database, SMTP clients, spool and documents.
+FILES_BESIDES_CONNECTIONS = 256
 
 
 class Service:
@@ -28,17 +33,27 @@ class Service:
         self.runtime = runtime
         self.node = node_name(runtime)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailbridge-smtp")
-        self.smtp = make_controller(runtime, self.executor)
+        smtp = runtime.settings.smtp
+        self.certificate = ServerCertificate(smtp) if smtp.tls_cert_file else None
+        self.smtp = make_controller(runtime, self.executor, self.certificate)
+        self.smtps = (make_implicit_tls_controller(runtime, self.executor, self.certificate)
+                      if self.certificate and smtp.implicit_tls_port else None)
         self.worker = Worker(runtime, self.node)
         self.imap = ImapPoller(runtime) if runtime.settings.imap.enabled else None
         self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node)
         self.scheduler = jobs.build_scheduler(runtime) if scheduler else None
         self.web = None
         if web:
+            settings = runtime.settings.web
+            # Slow clients wait in waitress's poll loop, not in a thread; poll() rather than
+            # select(), which fails beyond 1024 open files.
             self.web = create_server(create_app(runtime.settings, runtime=runtime),
-                                     host=runtime.settings.web.host,
-                                     port=runtime.settings.web.port, threads=8,
-                                     ident="mailbridge")
+                                     host=settings.host, port=settings.port,
+                                     threads=settings.threads,
+                                     connection_limit=settings.connection_limit,
+                                     channel_timeout=settings.channel_timeout,
+                                     cleanup_interval=settings.cleanup_interval,
+                                     asyncore_use_poll=True, ident="mailbridge")
         self._web_thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -60,6 +75,8 @@ class Service:
         if self.imap:
             self.imap.start()
         self.smtp.start()  # last: accept mail only once everything behind it runs
+        if self.smtps:
+            self.smtps.start()
 
     def _serve_web(self) -> None:
         try:
@@ -74,12 +91,18 @@ class Service:
     def smtp_port(self) -> int:
         return self.smtp.server.sockets[0].getsockname()[1]
 
+    def reload_tls(self) -> bool:
+        """Read the SMTP certificate again (SIGHUP); False if it was kept."""
+        return self.certificate.reload() if self.certificate else False
+
     @property
     def web_port(self) -> int | None:
         return self.web.effective_port if self.web else None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting first, then let in-flight work finish or hand it back."""
+        if self.smtps:
+            self.smtps.stop()
         self.smtp.stop()
         if self.imap and not self.imap.stop(timeout):
             log.warning("IMAP poller did not finish in time; its messages are taken again at "
@@ -96,3 +119,16 @@ class Service:
             if self._web_thread is not None:
                 self._web_thread.join(2.0)  # keep-alive clients may hold it; it is a daemon
         self.runtime.db.close()
+
+
+def raise_open_file_limit(connection_limit: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit so that `[web] connection_limit`
+    connections fit. Returns (files allowed now, at most the files wanted; files wanted)."""
+    wanted = connection_limit + FILES_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return wanted, wanted
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target, wanted

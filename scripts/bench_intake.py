@@ -202,6 +202,7 @@ from = "mailbridge@portal.example"
 [outbound.smtp]
 host = "{HOST}"
 port = {relay_port}
+tls = "none"
 timeout_seconds = 30
 
 [senders]

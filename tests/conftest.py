@@ -44,6 +44,8 @@ def make_settings(data_dir: Path, db_url: str = "", **env: str) -> Settings:
         "MAILBRIDGE_OUTBOUND_FROM": OUTBOUND_FROM,
         "MAILBRIDGE_SENDERS_TRUSTED_AUTHSERV_IDS": "mx.portal.example",
         "MAILBRIDGE_WORKER_POLL_SECONDS": "0.5",
+        # The test relay is a plain aiosmtpd sink on loopback.
+        "MAILBRIDGE_OUTBOUND_SMTP_TLS": "none",
     }
     values.update(env)
     return load_settings(None, env=values)

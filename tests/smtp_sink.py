@@ -4,6 +4,7 @@ and can refuse chosen recipients or answer 451 to the first few deliveries."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -50,17 +51,25 @@ class SmtpSink:
 
     refuse: recipients answered `550 5.1.1` at RCPT.
     tempfail_first: how many DATA commands are answered `451` before messages are accepted.
+    tls: a server context; the sink then offers STARTTLS, or with `implicit` speaks TLS from
+    the start. `host`: the address to listen on.
     """
 
-    def __init__(self, *, refuse: Iterable[str] = (), tempfail_first: int = 0) -> None:
-        self.host = "127.0.0.1"
+    def __init__(self, *, refuse: Iterable[str] = (), tempfail_first: int = 0,
+                 tls: ssl.SSLContext | None = None, implicit: bool = False,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
         self.refuse = {a.lower() for a in refuse}
         self.tempfail_left = tempfail_first
         self.attempts = 0  # DATA commands seen, accepted or not
         self._received: list[Received] = []
         self._cond = threading.Condition()
-        self._controller = Controller(_Handler(self), hostname=self.host, port=self.port)
+        tls_options = {}
+        if tls is not None:
+            tls_options = {"ssl_context": tls} if implicit else {"tls_context": tls}
+        self._controller = Controller(_Handler(self), hostname=self.host, port=self.port,
+                                      **tls_options)
 
     @property
     def messages(self) -> list[Received]:

@@ -39,8 +39,9 @@ def test_shipped_config_toml_loads_with_every_contract_key():
     assert s.outbound.transport == "maildir" and s.outbound.from_
     assert s.outbound.maildir
     relay = s.outbound.smtp
-    assert (relay.host, relay.port, relay.starttls, relay.username, relay.password_env) == (
-        "127.0.0.1", 25, False, "", "MAILBRIDGE_RELAY_PASSWORD")
+    assert (relay.host, relay.port, relay.tls_mode, relay.ca_file, relay.username,
+            relay.password_env) == ("127.0.0.1", 25, "starttls", "", "",
+                                    "MAILBRIDGE_RELAY_PASSWORD")
     assert (s.web.host, s.web.port) == ("127.0.0.1", 8080)
     assert s.shares.claim_hours == 24
     assert s.senders.require_authentication is True
@@ -71,7 +72,7 @@ def test_every_key_overridable_by_environment(tmp_path):
     assert s.smtp.port == 2600
     assert s.database.url == "postgresql://u@db.example:5432/mb"
     assert s.outbound.transport == "smtp" and s.outbound.from_ == "noreply@portal.example"
-    assert s.outbound.smtp.host == "relay.example" and s.outbound.smtp.starttls is True
+    assert s.outbound.smtp.host == "relay.example" and s.outbound.smtp.tls_mode == "starttls"
     assert s.shares.claim_hours == 0.5
     assert s.senders.require_authentication is False
     assert s.senders.trusted_authserv_ids == ("mx1.example", "mx2.example")
@@ -135,3 +136,61 @@ def test_relay_password_from_named_env_or_file(tmp_path):
     s2 = load_settings(write(tmp_path, MINIMAL + f'\n[outbound.smtp]\npassword_file = "{pw}"\n'),
                        env={})
     assert read_relay_password(s2, env={}) == "from-file"
+
+
+# --- TLS and the portal's connections ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"MAILBRIDGE_SMTP_TLS_CERT_FILE": "cert.pem"}, "[smtp] tls_key_file"),
+    ({"MAILBRIDGE_SMTP_TLS_KEY_FILE": "key.pem"}, "[smtp] tls_cert_file"),
+    ({"MAILBRIDGE_SMTP_REQUIRE_TLS": "true"}, "[smtp] require_tls"),
+    ({"MAILBRIDGE_SMTP_IMPLICIT_TLS_PORT": "465"}, "[smtp] implicit_tls_port"),
+    ({"MAILBRIDGE_SMTP_TLS_CERT_FILE": "c", "MAILBRIDGE_SMTP_TLS_KEY_FILE": "k",
+      "MAILBRIDGE_SMTP_IMPLICIT_TLS_PORT": "2525"}, "[smtp] implicit_tls_port"),
+    ({"MAILBRIDGE_SMTP_TLS_CERT_FILE": "c", "MAILBRIDGE_SMTP_TLS_KEY_FILE": "k",
+      "MAILBRIDGE_SMTP_IMPLICIT_TLS_PORT": "70000"}, "[smtp] implicit_tls_port"),
+    ({"MAILBRIDGE_OUTBOUND_SMTP_TLS": "ssl"}, "[outbound.smtp] tls"),
+    ({"MAILBRIDGE_OUTBOUND_SMTP_TLS": "none", "MAILBRIDGE_OUTBOUND_SMTP_STARTTLS": "true"},
+     "[outbound.smtp] starttls"),
+    ({"MAILBRIDGE_WEB_CONNECTION_LIMIT": "0"}, "[web] connection_limit"),
+    ({"MAILBRIDGE_WEB_THREADS": "0"}, "[web] threads"),
+    ({"MAILBRIDGE_WEB_CHANNEL_TIMEOUT": "-1"}, "[web] channel_timeout"),
+    ({"MAILBRIDGE_WEB_CLEANUP_INTERVAL": "soon"}, "[web] cleanup_interval"),
+])
+def test_tls_and_connection_settings_errors_name_the_key(tmp_path, env, key):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, MINIMAL), env=env)
+    assert str(info.value).startswith(key)
+
+
+def test_tls_and_connection_defaults(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL), env={})
+    assert (s.smtp.tls_cert_file, s.smtp.tls_key_file, s.smtp.require_tls,
+            s.smtp.implicit_tls_port) == ("", "", False, 0)
+    assert (s.outbound.smtp.tls_mode, s.outbound.smtp.ca_file) == ("starttls", "")
+    assert (s.web.threads, s.web.connection_limit, s.web.channel_timeout,
+            s.web.cleanup_interval) == (8, 1000, 30.0, 10.0)
+
+
+def test_certificate_and_ca_paths_are_relative_to_the_config_file(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL + """
+[smtp]
+tls_cert_file = "tls/cert.pem"
+tls_key_file = "/etc/ssl/private/key.pem"
+implicit_tls_port = 465
+[outbound.smtp]
+tls = "implicit"
+ca_file = "tls/ca.pem"
+"""), env={})
+    assert s.smtp.tls_cert_file == str(tmp_path / "tls" / "cert.pem")
+    assert s.smtp.tls_key_file == "/etc/ssl/private/key.pem"
+    assert s.outbound.smtp.ca_file == str(tmp_path / "tls" / "ca.pem")
+    assert s.outbound.smtp.tls_mode == "implicit"
+
+
+@pytest.mark.parametrize("starttls, mode", [("true", "starttls"), ("false", "none"),
+                                            (None, "starttls")])
+def test_deprecated_starttls_key_still_means_what_it_said(tmp_path, starttls, mode):
+    text = MINIMAL + (f"\n[outbound.smtp]\nstarttls = {starttls}\n" if starttls else "")
+    assert load_settings(write(tmp_path, text), env={}).outbound.smtp.tls_mode == mode

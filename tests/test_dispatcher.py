@@ -44,6 +44,7 @@ def make_runtime(tmp_path, clock, db_url):
             "MAILBRIDGE_DATABASE_URL": db_url,
             "MAILBRIDGE_OUTBOUND_TRANSPORT": "smtp",
             "MAILBRIDGE_OUTBOUND_SMTP_PORT": str(port),
+            "MAILBRIDGE_OUTBOUND_SMTP_TLS": "none",
             "MAILBRIDGE_OUTBOUND_SMTP_TIMEOUT_SECONDS": "5",
             "MAILBRIDGE_OUTBOUND_RETRY_BASE_SECONDS": "60",
             **env,
@@ -232,3 +233,20 @@ def test_dispatcher_thread_wakes_on_new_mail_and_stops_cleanly(make_runtime):
             assert dispatcher.stop(timeout=5)
             assert time.monotonic() - started < 2
     assert {r.state for r in OutboundMessage.select()} == {"sent"}
+
+
+def test_phi_held_for_a_clear_text_relay_elsewhere_waits_without_using_up_attempts(
+        make_runtime, clock):
+    # tls = "none" to a relay that is not on loopback: the receipt (PHI) is never handed over,
+    # and never given up either, so it goes out once the operator fixes the configuration.
+    runtime = make_runtime(free_port(), MAILBRIDGE_OUTBOUND_SMTP_HOST="192.0.2.10")
+    share_with_mail(runtime, ["dr.smith@ortho.example"])
+    OutboundMessage.delete().where(OutboundMessage.kind == "link").execute()
+    mailer = make_mailer(runtime.settings)
+    for _ in range(runtime.settings.outbound.max_attempts + 2):
+        assert dispatch_due(runtime, mailer) == {**NOTHING, "retried": 1}
+        row = OutboundMessage.get()
+        assert (row.kind, row.state, row.attempts) == ("receipt", "queued", 0)
+        assert row.last_error.startswith("held: [outbound.smtp] tls")
+        assert row.next_attempt_at == clock() + dt.timedelta(seconds=3600)
+        clock.advance(seconds=3600)

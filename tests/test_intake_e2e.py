@@ -178,3 +178,34 @@ def test_unexpected_error_parks_message_and_retry_processes_it(service, monkeypa
     service.sink.wait_for(2, timeout=15)
     service.drain()
     assert InboundMessage.get().state == "done" and Share.select().count() == 1
+
+
+def test_share_received_over_starttls_is_audited_as_esmtps_and_dkim_still_verifies(
+        tmp_path, db_url, sink, keyring):
+    import smtplib
+
+    from tests.conftest import SHARING, start_service
+    from tests.dkim_helpers import sign
+    from tests.helpers import wire
+    from tests.tls_helpers import make_certificate
+
+    cert = make_certificate(tmp_path / "tls", "intake")
+    running = start_service(tmp_path, db_url, sink, keyring,
+                            MAILBRIDGE_SMTP_TLS_CERT_FILE=str(cert.cert),
+                            MAILBRIDGE_SMTP_TLS_KEY_FILE=str(cert.key),
+                            MAILBRIDGE_SMTP_REQUIRE_TLS="true")
+    try:
+        add_jane()
+        raw = sign(wire(share_message()), "clinic.example", "mb2024", keyring.private_key)
+        with smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=30) as smtp:
+            smtp.starttls(context=cert.client_context())
+            smtp.sendmail(MEMBER, [SHARING], raw)
+        sink.wait_for(2, timeout=15)  # the link e-mail and the receipt
+        running.drain()
+        # The Received header went on top of a signed message: the share exists only
+        # because the DKIM signature still verified.
+        event = AuditEvent.get(AuditEvent.kind == "share_created")
+        assert event.detail["protocol"] == "ESMTPS"
+        assert b" with ESMTPS " in spool.read_raw(running.runtime, InboundMessage.get())
+    finally:
+        running.service.stop(timeout=10)

@@ -9,16 +9,20 @@ from email.parser import BytesParser
 
 import pytest
 
-from mailbridge.config import RelaySettings, load_settings
+from mailbridge.config import ConfigError, RelaySettings, load_settings
 from mailbridge.outbound import compose
 from mailbridge.outbound.mailer import (
+    HeldBack,
     MaildirMailer,
     PermanentFailure,
     SmtpMailer,
     TransientFailure,
+    is_loopback,
     make_mailer,
+    phi_in_clear_refused,
 )
 from tests.smtp_sink import SmtpSink, free_port
+from tests.tls_helpers import make_certificate, non_loopback_address
 
 LINK = "http://localhost:8080/s/Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG0"
 
@@ -56,6 +60,8 @@ def compose_id(raw: bytes) -> str:
 
 
 def relay(port: int, **kw) -> RelaySettings:
+    """The plain test sink on loopback, unless `kw` asks for TLS."""
+    kw.setdefault("tls", "" if "starttls" in kw else "none")
     return RelaySettings(host="127.0.0.1", port=port, timeout_seconds=5, **kw)
 
 
@@ -131,3 +137,87 @@ def test_make_mailer_follows_the_transport_setting(tmp_path):
                                     MAILBRIDGE_OUTBOUND_SMTP_PORT="2600"))
     assert isinstance(smtp, SmtpMailer)
     assert smtp.relay.port == 2600
+
+
+# --- TLS on the way out ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def relay_cert(tmp_path):
+    return make_certificate(tmp_path / "tls", "relay")
+
+
+def test_starttls_relay_verified_with_the_configured_ca(settings, relay_cert):
+    with SmtpSink(tls=relay_cert.server_context()) as sink:
+        SmtpMailer(relay(sink.port, tls="starttls", ca_file=str(relay_cert.cert))).send(
+            "mailbridge@portal.example", "dr.smith@ortho.example", link_bytes(settings))
+        assert len(sink.wait_for(1)) == 1
+
+
+def test_implicit_tls_relay_verified_with_the_configured_ca(settings, relay_cert):
+    with SmtpSink(tls=relay_cert.server_context(), implicit=True) as sink:
+        SmtpMailer(relay(sink.port, tls="implicit", ca_file=str(relay_cert.cert))).send(
+            "mailbridge@portal.example", "dr.smith@ortho.example", link_bytes(settings))
+        assert len(sink.wait_for(1)) == 1
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_relay_certificate_not_from_a_trusted_ca_is_transient_and_nothing_sent(
+        settings, relay_cert, tls):
+    with SmtpSink(tls=relay_cert.server_context(), implicit=tls == "implicit") as sink:
+        with pytest.raises(TransientFailure) as info:
+            SmtpMailer(relay(sink.port, tls=tls)).send(  # the system's CAs only
+                "mailbridge@portal.example", "dr.smith@ortho.example", link_bytes(settings))
+        assert "not trusted" in info.value.reason and "[outbound.smtp] ca_file" in info.value.reason
+        assert sink.attempts == 0 and sink.messages == []
+
+
+def test_relay_certificate_for_another_name_is_refused(settings, tmp_path):
+    # Trusted CA, but issued for another host: a relay impersonated with someone's real cert.
+    elsewhere = make_certificate(tmp_path / "tls", "elsewhere", names="DNS:relay.elsewhere.example")
+    with SmtpSink(tls=elsewhere.server_context()) as sink:
+        with pytest.raises(TransientFailure, match="not trusted"):
+            SmtpMailer(relay(sink.port, tls="starttls", ca_file=str(elsewhere.cert))).send(
+                "mailbridge@portal.example", "dr.smith@ortho.example", link_bytes(settings))
+        assert sink.messages == []
+
+
+def test_unreadable_ca_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^\[outbound.smtp\] ca_file"):
+        SmtpMailer(relay(25, tls="starttls", ca_file=str(tmp_path / "missing.pem")))
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True),
+    ("localhost", True), ("LOCALHOST.", True),
+    ("192.0.2.10", False), ("10.0.0.1", False), ("relay.example", False),
+    ("localhost.evil.example", False), ("127.0.0.1.evil.example", False), ("::ffff:8.8.8.8", False),
+])
+def test_only_loopback_relays_count_as_this_machine(host, loopback):
+    assert is_loopback(host) is loopback
+    assert phi_in_clear_refused(RelaySettings(host=host, tls="none")) is not loopback
+    assert not phi_in_clear_refused(RelaySettings(host=host, tls="starttls"))
+
+
+def test_phi_is_held_for_a_clear_text_relay_elsewhere_and_links_still_go(settings):
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to listen on")
+    with SmtpSink(host=address) as sink:
+        mailer = SmtpMailer(RelaySettings(host=address, port=sink.port, tls="none",
+                                          timeout_seconds=5))
+        with pytest.raises(HeldBack, match=r"\[outbound.smtp\] tls"):
+            mailer.send("mailbridge@portal.example", "jane.doe@clinic.example",
+                        link_bytes(settings), carries_phi=True)
+        assert sink.attempts == 0
+        mailer.send("mailbridge@portal.example", "dr.smith@ortho.example",
+                    link_bytes(settings), carries_phi=False)
+        assert [m.rcpt_tos for m in sink.wait_for(1)] == [["dr.smith@ortho.example"]]
+
+
+def test_phi_may_go_in_clear_to_a_loopback_relay(settings, sink):
+    SmtpMailer(relay(sink.port, tls="none")).send(
+        "mailbridge@portal.example", "jane.doe@clinic.example", link_bytes(settings),
+        carries_phi=True)
+    assert len(sink.wait_for(1)) == 1
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mailbox
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -28,6 +29,7 @@ from mailbridge.outbound import outbox as outbox_queue
 from mailbridge.runtime import build_runtime
 from tests.conftest import ROOT, SHARING, free_port
 from tests.helpers import MEMBER, pdf_bytes, share_message, wire
+from tests.tls_helpers import Certificate, make_certificate, served_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -73,14 +75,16 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = TIME
 class ServeProcess:
     """`mailbridge serve` with its output in files (nothing to drain, readable any time)."""
 
-    def __init__(self, setup: Setup, name: str) -> None:
+    def __init__(self, setup: Setup, name: str,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.setup = setup
         self.out_path = setup.config.parent / f"{name}.out"
         self.err_path = setup.config.parent / f"{name}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mailbridge", "--config", str(setup.config), "serve"],
-                cwd=ROOT, env=environment(), stdout=out, stderr=err)
+                cwd=ROOT, env=environment(), stdout=out, stderr=err,
+                preexec_fn=preexec_fn)
 
     @property
     def stdout(self) -> str:
@@ -330,3 +334,104 @@ def test_link_emails_left_sending_by_a_crash_go_out_soon_after_start(setup, serv
     serve()
     state = wait_settled(setup, 2, timeout=8)
     assert state.shares == 1 and len(outbox(setup)) == 2
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+def configure(setup: Setup, section: str, lines: str) -> None:
+    """Add `lines` to a [section] of the config (after its header, or as a new table)."""
+    text = setup.config.read_text()
+    header = f"[{section}]\n"
+    text = (text.replace(header, header + lines, 1) if header in text
+            else text + f"\n{header}{lines}")
+    setup.config.write_text(text)
+
+
+def install(cert: Certificate, live: Path) -> None:
+    """What a certificate renewal does: new files in place of the old ones."""
+    live.mkdir(exist_ok=True)
+    shutil.copy(cert.cert, live / "cert.pem")
+    shutil.copy(cert.key, live / "key.pem")
+
+
+def test_sighup_reloads_the_smtp_certificate_and_keeps_it_when_the_renewal_is_bad(setup, serve):
+    first = make_certificate(setup.config.parent / "tls", "first")
+    second = make_certificate(setup.config.parent / "tls", "second")
+    live = setup.config.parent / "live"
+    install(first, live)
+    configure(setup, "smtp", 'tls_cert_file = "live/cert.pem"\ntls_key_file = "live/key.pem"\n'
+                             "require_tls = true\n")
+    process = serve()
+    assert "(STARTTLS required)" in process.stdout
+    assert served_fingerprint("127.0.0.1", setup.smtp_port) == first.fingerprint
+
+    install(second, live)
+    process.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: served_fingerprint("127.0.0.1", setup.smtp_port) == second.fingerprint,
+               "the renewed certificate to be served")
+
+    (live / "key.pem").write_text("half-written\n")
+    process.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "[smtp] tls_key_file" in process.stderr, "the reload error")
+    assert served_fingerprint("127.0.0.1", setup.smtp_port) == second.fingerprint
+    with smtplib.SMTP("127.0.0.1", setup.smtp_port, timeout=10) as smtp:
+        smtp.starttls(context=second.client_context())
+        assert smtp.sendmail(MEMBER, [SHARING], wire(share_message())) == {}
+    state = wait_settled(setup, 2)
+    assert state.shares == 1
+    assert process.signal(signal.SIGTERM) == 0
+    assert "Traceback" not in process.stderr
+
+
+def test_bad_certificate_stops_the_start_naming_the_key(setup):
+    configure(setup, "smtp", 'tls_cert_file = "missing.pem"\ntls_key_file = "missing.key"\n')
+    proc = subprocess.run([sys.executable, "-m", "mailbridge", "--config", str(setup.config),
+                           "serve"], cwd=ROOT, env=environment(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "configuration error: [smtp] tls_cert_file: cannot read" in proc.stderr
+
+
+def test_startup_warns_when_phi_would_go_in_clear_to_a_relay_elsewhere(setup, serve):
+    setup.config.write_text(setup.config.read_text().replace('transport = "maildir"',
+                                                             'transport = "smtp"'))
+    configure(setup, "outbound.smtp", f'host = "relay.example"\nport = {free_port()}\n'
+                                      'tls = "none"\n')
+    process = serve()
+    assert "outbound mail goes to the relay relay.example" in process.stdout
+    assert "(tls = none)" in process.stdout
+    assert 'tls = "none" and the relay relay.example is not on this machine' in process.stderr
+
+
+# --- the portal's connections ----------------------------------------------------------------
+
+
+def open_files_limit(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if x.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@pytest.mark.parametrize("soft, hard", [(512, None), (700, 700)])
+def test_open_file_limit_is_raised_for_the_connection_limit_or_warned_about(setup, soft, hard):
+    import resource
+
+    def limit() -> None:
+        current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard or current_hard))
+
+    if hard is None and resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1256:
+        pytest.skip("the hard limit here is below what the default connection_limit needs")
+    process = ServeProcess(setup, "limited", preexec_fn=limit)
+    try:
+        process.wait_ready()
+        if hard is None:
+            assert open_files_limit(process.proc.pid) == 1000 + 256
+            assert "connection_limit" not in process.stderr
+        else:
+            assert open_files_limit(process.proc.pid) == 700
+            assert ("[web] connection_limit = 1000 needs about 1256 open files, but this "
+                    "process may open only 700") in process.stderr
+    finally:
+        process.kill()

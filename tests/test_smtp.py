@@ -3,6 +3,11 @@ message is committed; database or disk trouble answers 451/452 and keeps nothing
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import logging
+import re
+import shutil
 import smtplib
 import sqlite3
 import subprocess
@@ -12,11 +17,15 @@ import peewee
 import pytest
 
 from mailbridge import spool
+from mailbridge.config import ConfigError
 from mailbridge.db import reset_connection
 from mailbridge.models import InboundMessage
 from mailbridge.receive.smtp import make_controller
+from mailbridge.receive.tls import ServerCertificate
+from mailbridge.receive.trace import received_header
 from tests.conftest import SHARING, free_port
 from tests.helpers import MEMBER, add_jane, share_message, wire
+from tests.tls_helpers import make_certificate, served_fingerprint, tls_intake
 
 
 @pytest.fixture
@@ -43,6 +52,13 @@ def send(port, raw, *, sender=MEMBER, rcpts=(SHARING,)):
         return smtp.sendmail(sender, list(rcpts), raw)
 
 
+def split_trace(stored: bytes) -> tuple[bytes, bytes]:
+    """(the Received header intake put on top, unfolded; the message as it was sent)."""
+    lines = stored.split(b"\r\n")
+    end = 1 + next(i for i, line in enumerate(lines[1:]) if not line[:1].isspace())
+    return b" ".join(line.strip() for line in lines[:end]), b"\r\n".join(lines[end:])
+
+
 def test_member_message_is_committed_before_250(intake):
     rt, port = intake
     add_jane()
@@ -52,8 +68,9 @@ def test_member_message_is_committed_before_250(intake):
     assert row.state == "queued" and row.channel == "smtp"
     assert row.envelope_from == MEMBER and row.envelope_to == [SHARING]
     assert row.client_ip == "127.0.0.1" and row.protocol == "ESMTP"
-    stored = spool.read_raw(rt, row).replace(b"\r\n", b"\n").rstrip()
-    assert stored == raw.replace(b"\r\n", b"\n").rstrip()
+    trace, stored = split_trace(spool.read_raw(rt, row))
+    assert trace.startswith(b"Received: from ") and b" with ESMTP id " in trace
+    assert stored.replace(b"\r\n", b"\n").rstrip() == raw.replace(b"\r\n", b"\n").rstrip()
 
 
 def test_spooled_raw_message_is_encrypted_on_disk(intake):
@@ -291,3 +308,119 @@ def test_non_member_refused_while_data_arrives_and_the_session_goes_on(intake):
         assert info.value.smtp_code == 550 and info.value.smtp_error.startswith(b"5.7.1")
         smtp.sendmail(MEMBER, [SHARING], wire(bytes(share_message())))  # same connection
     assert InboundMessage.select().count() == 1
+# --- TLS on the way in -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cert(tmp_path):
+    return make_certificate(tmp_path / "tls", "intake")
+
+
+def test_without_a_certificate_starttls_is_not_offered(intake):
+    _, port = intake
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.ehlo()
+        assert not smtp.has_extn("starttls")
+
+
+def test_starttls_with_a_certificate_and_the_receipt_says_esmtps(runtime, cert):
+    add_jane()
+    with tls_intake(runtime, cert) as intake, \
+            smtplib.SMTP("127.0.0.1", intake.port, timeout=10) as smtp:
+        smtp.ehlo("mail.clinic.example")
+        assert smtp.has_extn("starttls")
+        smtp.starttls(context=cert.client_context())  # verifies the certificate and name
+        smtp.ehlo("mail.clinic.example")
+        smtp.sendmail(MEMBER, [SHARING], wire(share_message()))
+        row = InboundMessage.get()
+        trace, _ = split_trace(spool.read_raw(intake.runtime, row))
+    assert row.protocol == "ESMTPS"
+    assert re.fullmatch(rb"Received: from mail\.clinic\.example \(\[127\.0\.0\.1\]\) by "
+                        rb"portal\.example \(mailbridge\) with ESMTPS \(TLSv1\.[23] [A-Z0-9_-]+\)"
+                        rb" id [0-9a-f]{16}; \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}",
+                        trace), trace
+
+
+def test_plain_delivery_still_works_when_tls_is_only_offered(runtime, cert):
+    add_jane()
+    with tls_intake(runtime, cert) as intake:
+        send(intake.port, bytes(share_message()))
+        assert InboundMessage.get().protocol == "ESMTP"
+
+
+def test_require_tls_accepts_after_starttls(runtime, cert):
+    add_jane()
+    with tls_intake(runtime, cert, require_tls=True) as intake, \
+            smtplib.SMTP("127.0.0.1", intake.port, timeout=10) as smtp:
+        smtp.starttls(context=cert.client_context())
+        assert smtp.sendmail(MEMBER, [SHARING], wire(share_message())) == {}
+    assert InboundMessage.get().protocol == "ESMTPS"
+
+
+def test_implicit_tls_listener_accepts_and_records_esmtps(runtime, cert):
+    add_jane()
+    with tls_intake(runtime, cert, implicit=True) as intake:
+        with smtplib.SMTP_SSL("127.0.0.1", intake.implicit_port, timeout=10,
+                              context=cert.client_context()) as smtp:
+            smtp.ehlo("mail.clinic.example")
+            assert not smtp.has_extn("starttls")  # already TLS
+            smtp.sendmail(MEMBER, [SHARING], wire(share_message()))
+        row = InboundMessage.get()
+        trace, _ = split_trace(spool.read_raw(intake.runtime, row))
+    assert row.protocol == "ESMTPS" and b" with ESMTPS (TLSv1." in trace
+
+
+def test_reload_serves_a_renewed_certificate_and_keeps_it_when_the_next_is_bad(
+        runtime, tmp_path, caplog):
+    first = make_certificate(tmp_path / "tls", "first")
+    second = make_certificate(tmp_path / "tls", "second")
+    live = make_certificate(tmp_path / "live", "live")
+    shutil.copy(first.cert, live.cert)
+    shutil.copy(first.key, live.key)
+    with tls_intake(runtime, live, implicit=True) as intake:
+        assert served_fingerprint("127.0.0.1", intake.port) == first.fingerprint
+        with smtplib.SMTP("127.0.0.1", intake.port, timeout=10) as open_before:
+            open_before.starttls(context=first.client_context())
+            shutil.copy(second.cert, live.cert)
+            shutil.copy(second.key, live.key)
+            assert intake.certificate.reload()
+            assert served_fingerprint("127.0.0.1", intake.port) == second.fingerprint
+            assert served_fingerprint("127.0.0.1", intake.implicit_port,
+                                      starttls=False) == second.fingerprint
+            assert open_before.noop()[0] == 250  # a connection keeps what it started with
+        live.key.write_text("not a key\n")
+        with caplog.at_level(logging.ERROR, logger="mailbridge.receive.tls"):
+            assert not intake.certificate.reload()
+        assert "[smtp] tls_key_file" in caplog.text
+        assert served_fingerprint("127.0.0.1", intake.port) == second.fingerprint
+
+
+@pytest.mark.parametrize("problem, key", [
+    ("missing certificate", "[smtp] tls_cert_file"),
+    ("key is not a key", "[smtp] tls_key_file"),
+    ("key of another certificate", "[smtp] tls_key_file"),
+    ("certificate is not a certificate", "[smtp] tls_cert_file"),
+])
+def test_certificate_problems_name_the_key(settings, tmp_path, problem, key):
+    good = make_certificate(tmp_path / "tls", "good")
+    other = make_certificate(tmp_path / "tls", "other")
+    files = {"missing certificate": (tmp_path / "nope.pem", good.key),
+             "key is not a key": (good.cert, good.cert),
+             "key of another certificate": (good.cert, other.key),
+             "certificate is not a certificate": (good.key, good.key)}[problem]
+    smtp = dataclasses.replace(settings.smtp, tls_cert_file=str(files[0]),
+                               tls_key_file=str(files[1]))
+    with pytest.raises(ConfigError) as info:
+        ServerCertificate(smtp)
+    assert str(info.value).startswith(key)
+
+
+def test_received_header_keeps_only_host_name_characters():
+    header = received_header(helo="evil\rX-Injected: yes\n (spoof) by trusted;", client_ip="::1",
+                             by="portal.example", protocol="ESMTP", trace_id="abc",
+                             when=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
+    assert header == (b"Received: from evilX-Injected:yesspoofbytrusted ([IPv6:::1])\r\n"
+                      b"\tby portal.example (mailbridge) with ESMTP id abc;\r\n"
+                      b"\tFri, 02 Jan 2026 03:04:05 +0000\r\n")
+    assert received_header(helo=None, client_ip="", by="p.example", protocol="SMTP").startswith(
+        b"Received: from unknown ([unknown])")

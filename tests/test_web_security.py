@@ -264,6 +264,19 @@ def test_security_headers_on_every_page(owner_portal):
         assert headers["X-Frame-Options"] == "DENY", path
 
 
+def test_hsts_only_when_the_portal_is_https(owner_portal):
+    rt, app = owner_portal
+    plain = app.test_client()
+    for path in ("/signin", "/healthz", "/nothing-here"):
+        assert "Strict-Transport-Security" not in plain.get(path).headers, path
+    https = make_app(with_settings(rt, service={"base_url": "https://portal.example"}))
+    client = https.test_client()
+    for path in ("/signin", "/healthz", "/nothing-here"):
+        response = client.get(path, base_url="https://portal.example")
+        assert response.headers["Strict-Transport-Security"] == \
+            "max-age=31536000; includeSubDomains", path
+
+
 def test_no_script_in_any_page(owner_portal):
     rt, app = owner_portal
     for path, response in pages(rt, app).items():

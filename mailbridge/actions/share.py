@@ -72,7 +72,8 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
         phi.seal_share(runtime, share, request.title, request.note_html)
         audit.record("share_created", now, actor=member.email, share=share, member=member,
                      inbound=row, detail={"documents": len(blobs),
-                                          "recipients": len(request.recipients)})
+                                          "recipients": len(request.recipients),
+                                          "protocol": row.protocol})
         for position, (attachment, blob) in enumerate(zip(request.attachments, blobs,
                                                           strict=True)):
             document = Document.create(share=share, position=position, kind=attachment.kind,

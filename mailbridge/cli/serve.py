@@ -1,11 +1,12 @@
-"""`mailbridge serve`: run every part of the service until SIGTERM or Ctrl-C."""
+"""`mailbridge serve`: run every part of the service until SIGTERM or Ctrl-C; SIGHUP reloads
+the SMTP TLS certificate."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import sys
-import threading
 
 import click
 
@@ -17,7 +18,8 @@ from mailbridge.logs import configure_logging
 @pass_ctx
 def serve(ctx: Context) -> None:
     """Run SMTP intake, worker, outbound dispatcher, scheduler and web portal."""
-    from mailbridge.service import Service
+    from mailbridge.outbound.mailer import phi_in_clear_refused
+    from mailbridge.service import Service, raise_open_file_limit
 
     settings = ctx.settings
     configure_logging(settings.service.log_level)
@@ -27,13 +29,30 @@ def serve(ctx: Context) -> None:
         log.warning("[senders] require_authentication = false: ANY message whose From is a "
                     "member's address is accepted without DKIM. For local demos only.")
         log.warning("!" * 72)
+    relay = settings.outbound.smtp
+    if settings.outbound.transport == "smtp" and phi_in_clear_refused(relay):
+        log.warning("[outbound.smtp] tls = \"none\" and the relay %s is not on this machine: "
+                    "receipts, notices and other mail carrying PHI are held (not sent, not "
+                    "lost) until the relay is reached over TLS", relay.host)
+    files, wanted = raise_open_file_limit(settings.web.connection_limit)
+    if files < wanted:
+        log.warning("[web] connection_limit = %d needs about %d open files, but this process "
+                    "may open only %d (raise `ulimit -n` / LimitNOFILE)",
+                    settings.web.connection_limit, wanted, files)
     service = Service(ctx.ready_runtime())
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    # SimpleQueue.put is safe in a signal handler (no lock the interrupted code could hold).
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: signals.put(signum))
     service.start()
+    tls = ""
+    if service.certificate:
+        tls = " (STARTTLS required)" if settings.smtp.require_tls else " (STARTTLS offered)"
     click.echo(f"mailbridge: SMTP intake on {settings.smtp.host}:{service.smtp_port} "
-               f"for {settings.addresses.sharing}")
+               f"for {settings.addresses.sharing}{tls}")
+    if service.smtps:
+        click.echo(f"mailbridge: SMTP intake with implicit TLS on {settings.smtp.host}:"
+                   f"{settings.smtp.implicit_tls_port}")
     click.echo(f"mailbridge: portal on http://{settings.web.host}:{service.web_port}/ "
                f"(links use {settings.service.base_url})")
     if settings.imap.enabled:
@@ -43,11 +62,12 @@ def serve(ctx: Context) -> None:
         click.echo(f"mailbridge: outbound mail is written to the Maildir "
                    f"{settings.outbound.maildir}")
     else:
-        relay = settings.outbound.smtp
-        click.echo(f"mailbridge: outbound mail goes to the relay {relay.host}:{relay.port}")
+        click.echo(f"mailbridge: outbound mail goes to the relay {relay.host}:{relay.port} "
+                   f"(tls = {relay.tls_mode})")
     click.echo("mailbridge: running; stop with Ctrl-C", err=False)
     sys.stdout.flush()
-    stop.wait()
+    while signals.get() == signal.SIGHUP:
+        service.reload_tls()
     click.echo("mailbridge: stopping (no new mail accepted; finishing work in hand)")
     service.stop()
     click.echo("mailbridge: stopped")

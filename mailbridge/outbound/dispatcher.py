@@ -14,6 +14,7 @@ from mailbridge.db import UNAVAILABLE
 from mailbridge.models import Grant, OutboundMessage
 from mailbridge.outbound import outbox
 from mailbridge.outbound.mailer import (
+    HeldBack,
     MaildirMailer,
     PermanentFailure,
     SmtpMailer,
@@ -59,9 +60,14 @@ def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
     except (InvalidTag, ValueError):
         return _give_up(runtime, row, "sealed message cannot be opened (wrong master key?)")
     try:
-        mailer.send(row.envelope_from, row.to_addr, raw)
+        mailer.send(row.envelope_from, row.to_addr, raw, carries_phi=outbox.carries_phi(row.kind))
     except PermanentFailure as exc:
         return _give_up(runtime, row, exc.reason)
+    except HeldBack as exc:
+        log.warning("outbox #%d (%s) held: %s", row.id, row.kind, exc.reason)
+        with runtime.db.atomic():
+            outbox.hold(runtime, row, exc.reason)
+        return "retried"
     except TransientFailure as exc:
         return _retry(runtime, row, exc.reason)
     except Exception as exc:  # a bug in a transport must not stop the queue

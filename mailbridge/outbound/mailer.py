@@ -1,8 +1,12 @@
 """Transports that hand a rendered message to the world: an SMTP relay, or a local Maildir for
-trying mailbridge out without a mail server."""
+trying mailbridge out without a mail server.
+
+The relay is reached over TLS with a verified certificate unless `[outbound.smtp] tls =
+"none"`; even then, mail carrying PHI goes out in clear only to a relay on this machine."""
 
 from __future__ import annotations
 
+import ipaddress
 import mailbox
 import re
 import smtplib
@@ -11,7 +15,7 @@ from email import policy
 from email.parser import BytesParser
 from pathlib import Path
 
-from mailbridge.config import RelaySettings, Settings, read_relay_password
+from mailbridge.config import ConfigError, RelaySettings, Settings, read_relay_password
 
 MAX_REASON_CHARS = 300
 
@@ -32,6 +36,39 @@ class TransientFailure(DeliveryError):
     """Try again later: 4xx, relay unreachable, timeout, login or TLS trouble."""
 
 
+class HeldBack(TransientFailure):
+    """Not even tried: the configuration forbids sending this message this way (PHI in clear).
+    It waits, without using up its attempts, until a restart with a fixed configuration."""
+
+
+def is_loopback(host: str) -> bool:
+    """A relay on this machine: 127.0.0.0/8, ::1 or "localhost". Other names are not looked
+    up: what DNS says about them is not something to bet PHI on."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def phi_in_clear_refused(relay: RelaySettings) -> bool:
+    """True when mail carrying PHI must not go to this relay: no TLS, and not on loopback."""
+    return relay.tls_mode == "none" and not is_loopback(relay.host)
+
+
+def relay_tls_context(relay: RelaySettings) -> ssl.SSLContext | None:
+    """Certificate and host-name verification against `ca_file`, else the system's CAs."""
+    if relay.tls_mode == "none":
+        return None
+    try:
+        return ssl.create_default_context(cafile=relay.ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[outbound.smtp] ca_file: cannot use {relay.ca_file} as CA "
+                          f"certificates ({exc})") from None
+
+
 class SmtpMailer:
     """Sends through the configured relay, one connection per message."""
 
@@ -41,15 +78,25 @@ class SmtpMailer:
         self._password = password
         # Without a name smtplib asks DNS for this host's FQDN, which can stall for seconds.
         self.helo_name = helo_name
+        self.tls_context = relay_tls_context(relay)
 
-    def send(self, envelope_from: str, to_addr: str, raw: bytes) -> None:
+    def send(self, envelope_from: str, to_addr: str, raw: bytes, *,
+             carries_phi: bool = True) -> None:
         relay = self.relay
+        if carries_phi and phi_in_clear_refused(relay):
+            raise HeldBack(f"held: [outbound.smtp] tls = \"none\" and the relay {relay.host} "
+                           f"is not on loopback; mail carrying PHI is never sent in clear"
+                           [:MAX_REASON_CHARS])
         options = [] if envelope_from.isascii() and to_addr.isascii() else ["SMTPUTF8"]
         try:
-            with smtplib.SMTP(relay.host, relay.port, local_hostname=self.helo_name,
-                              timeout=relay.timeout_seconds) as smtp:
-                if relay.starttls:
-                    smtp.starttls(context=ssl.create_default_context())
+            with self._connect() as smtp:
+                if relay.tls_mode == "starttls":
+                    smtp.ehlo_or_helo_if_needed()
+                    if not smtp.has_extn("starttls"):
+                        raise TransientFailure("the relay does not offer STARTTLS, and "
+                                               "[outbound.smtp] tls = \"starttls\" forbids "
+                                               "sending in clear")
+                    smtp.starttls(context=self.tls_context)
                 if relay.username:
                     smtp.login(relay.username, self._password)
                 smtp.ehlo_or_helo_if_needed()
@@ -62,6 +109,10 @@ class SmtpMailer:
             raise _by_code(code, text, "recipient refused") from None
         except smtplib.SMTPDataError as exc:
             raise _by_code(exc.smtp_code, exc.smtp_error, "message refused") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise TransientFailure(f"the relay's TLS certificate is not trusted "
+                                   f"({exc.verify_message}); see [outbound.smtp] ca_file"
+                                   [:MAX_REASON_CHARS]) from None
         except smtplib.SMTPNotSupportedError as exc:
             raise TransientFailure(f"relay lacks a needed extension ({exc})") from None
         except smtplib.SMTPResponseException as exc:
@@ -72,6 +123,14 @@ class SmtpMailer:
             raise TransientFailure(f"relay unreachable ({type(exc).__name__}: "
                                    f"{exc})"[:MAX_REASON_CHARS]) from None
 
+    def _connect(self) -> smtplib.SMTP:
+        relay = self.relay
+        if relay.tls_mode == "implicit":
+            return smtplib.SMTP_SSL(relay.host, relay.port, local_hostname=self.helo_name,
+                                    timeout=relay.timeout_seconds, context=self.tls_context)
+        return smtplib.SMTP(relay.host, relay.port, local_hostname=self.helo_name,
+                            timeout=relay.timeout_seconds)
+
 
 class MaildirMailer:
     """Writes each message into a Maildir (atomically: tmp/ then new/), for local use."""
@@ -80,7 +139,8 @@ class MaildirMailer:
         self.path = Path(path)
         self._link = re.compile(re.escape(base_url.rstrip("/")) + r"/(?:s|reset)/[A-Za-z0-9_\-]+")
 
-    def send(self, envelope_from: str, to_addr: str, raw: bytes) -> None:
+    def send(self, envelope_from: str, to_addr: str, raw: bytes, *,
+             carries_phi: bool = True) -> None:
         # What a delivering MTA adds, so a reader of the Maildir sees the envelope.
         trace = f"Return-Path: <{envelope_from}>\nDelivered-To: {to_addr}\n".encode()
         try:

@@ -19,6 +19,9 @@ MAX_ERROR_CHARS = 500
 
 # Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
 VERP_KINDS = ("link", "reminder")
+# What recipients get carries no PHI (no subject, filenames or note); everything else, and any
+# kind added later, is treated as carrying it (receipts, notices, replies, summaries).
+NO_PHI_KINDS = frozenset({"link", "reminder", "code", "reset", "revoked"})
 _VERP_LOCAL = re.compile(r"bounce\+(\d{1,18})\.([0-9a-f]{10})")
 
 
@@ -120,6 +123,19 @@ def mark_retry(runtime: Runtime, row: OutboundMessage, error: str) -> str:
     _set(row, state="queued", lease_until=None, last_error=_clip(error),
          next_attempt_at=runtime.clock() + dt.timedelta(seconds=delay))
     return "queued"
+
+
+def carries_phi(kind: str) -> bool:
+    return kind not in NO_PHI_KINDS
+
+
+def hold(runtime: Runtime, row: OutboundMessage, error: str) -> None:
+    """Not sent because of the configuration, not the message: wait `retry_max_seconds`
+    without using up an attempt, so a restart with a fixed configuration still sends it."""
+    delay = runtime.settings.outbound.retry_max_seconds
+    _set(row, state="queued", lease_until=None, last_error=_clip(error),
+         attempts=max(row.attempts - 1, 0),
+         next_attempt_at=runtime.clock() + dt.timedelta(seconds=delay))
 
 
 def mark_failed(runtime: Runtime, row: OutboundMessage, error: str) -> None:

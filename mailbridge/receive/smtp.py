@@ -1,5 +1,8 @@
 """SMTP intake (aiosmtpd): refuse what we can during the dialogue, spool and commit the rest
-before answering 250. Database work runs in a thread pool, never on the event loop."""
+before answering 250. Database work runs in a thread pool, never on the event loop.
+
+With a certificate, the listener offers STARTTLS (and can insist on it), and a second listener
+can speak TLS from the first byte (implicit TLS, port 465 style)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from aiosmtpd.smtp import SMTP
 from mailbridge import db, members, senders, spool
 from mailbridge.receive import limits
 from mailbridge.receive.header_watch import HeaderWatch
+from mailbridge.receive.tls import ServerCertificate
+from mailbridge.receive.trace import received_header
 from mailbridge.route import Route, classify_address
 from mailbridge.runtime import Runtime
 from mailbridge.storage import StorageError, StorageFull
@@ -30,15 +35,18 @@ NOT_A_MEMBER = "550 5.7.1 Sender is not allowed to share through this service"
 TOO_BIG = "552 5.3.4 Message too big for this service"
 DATABASE_UNAVAILABLE = "451 4.3.0 Temporary failure, please try again later"
 DISK_FULL = "452 4.3.1 Insufficient system storage, please try again later"
+TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 
 
 class IntakeSMTP(SMTP):
-    """aiosmtpd answers oversize mail with a bare 552; we add the enhanced status code. During
-    DATA the header is watched, so a non-member's message is refused without its body."""
+    """aiosmtpd's own refusals lack enhanced status codes (RFC 3463); we add them. During DATA
+    the header is watched, so a non-member's message is refused without its body."""
 
     async def push(self, status: str) -> None:
         if status.startswith("552 Error"):
             status = TOO_BIG
+        elif status.startswith("530 Must issue a STARTTLS"):
+            status = TLS_REQUIRED
         await super().push(status)
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -53,6 +61,14 @@ class IntakeSMTP(SMTP):
             await super().smtp_DATA(arg)
         finally:
             self._reader = reader
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        # aiosmtpd notes TLS only after STARTTLS; on the implicit-TLS listener the connection
+        # is TLS from the start, and the Received header must say so.
+        if self.session.ssl is None and transport.get_extra_info("ssl_object") is not None:
+            self.session.ssl = {name: transport.get_extra_info(name)
+                                for name in ("ssl_object", "cipher", "peercert")}
 
 
 class IntakeHandler:
@@ -122,13 +138,18 @@ class IntakeHandler:
             log.info("smtp: refused a message from a non-member (body not kept)")
             return envelope.refusal
         loop = asyncio.get_running_loop()
+        client, proto = client_ip(session), protocol(session)
+        trace = received_header(helo=session.host_name, client_ip=client,
+                                by=self.runtime.settings.sharing_domain, protocol=proto,
+                                ssl_info=session.ssl)
         return await loop.run_in_executor(self.executor, self.accept, envelope.mail_from or "",
                                           list(envelope.rcpt_tos), envelope.original_content,
-                                          client_ip(session), protocol(session))
+                                          client, proto, trace)
 
     def accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes, client: str = "",
-               proto: str = "SMTP") -> str:
-        """Runs in a worker thread: member check, then spool and commit."""
+               proto: str = "SMTP", trace: bytes = b"") -> str:
+        """Runs in a worker thread: member check, then spool and commit (with `trace`, the
+        Received header, on top)."""
         settings = self.runtime.settings
         try:
             if not self._sender_allowed(rcpt_tos, raw):
@@ -139,7 +160,8 @@ class IntakeHandler:
                                   ip_exempt=exempt, incoming_bytes=len(raw)):
                 log.info("smtp: a client is over its hourly budget; answered 451")
                 return limits.OVER_BUDGET
-            row = spool.enqueue(self.runtime, raw, channel="smtp", envelope_from=mail_from,
+            row = spool.enqueue(self.runtime, trace + raw, channel="smtp",
+                                envelope_from=mail_from,
                                 envelope_to=rcpt_tos, client_ip=client, protocol=proto)
         except StorageFull:
             log.error("smtp: spool storage is full; answered 452")
@@ -151,7 +173,7 @@ class IntakeHandler:
         except Exception:
             log.exception("smtp: unexpected error while spooling; answered 451")
             return DATABASE_UNAVAILABLE
-        log.info("smtp: accepted inbound #%d (%d bytes)", row.id, len(raw))
+        log.info("smtp: accepted inbound #%d (%d bytes, %s)", row.id, len(raw), proto)
         return OK
 
     @staticmethod
@@ -182,9 +204,24 @@ class IntakeController(Controller):
         return IntakeSMTP(self.handler, **self.SMTP_kwargs)
 
 
-def make_controller(runtime: Runtime, executor: ThreadPoolExecutor) -> IntakeController:
+def make_controller(runtime: Runtime, executor: ThreadPoolExecutor,
+                    certificate: ServerCertificate | None = None) -> IntakeController:
+    """The listener on `[smtp] port`; with a certificate it offers STARTTLS."""
     settings = runtime.settings
+    tls = {"tls_context": certificate.context,
+           "require_starttls": settings.smtp.require_tls} if certificate else {}
     return IntakeController(
         IntakeHandler(runtime, executor), hostname=settings.smtp.host, port=settings.smtp.port,
+        data_size_limit=settings.smtp.max_message_bytes, enable_SMTPUTF8=True,
+        ident="mailbridge", server_hostname=settings.sharing_domain, **tls)
+
+
+def make_implicit_tls_controller(runtime: Runtime, executor: ThreadPoolExecutor,
+                                 certificate: ServerCertificate) -> IntakeController:
+    """The listener on `[smtp] implicit_tls_port`: TLS from the first byte."""
+    settings = runtime.settings
+    return IntakeController(
+        IntakeHandler(runtime, executor), hostname=settings.smtp.host,
+        port=settings.smtp.implicit_tls_port, ssl_context=certificate.context,
         data_size_limit=settings.smtp.max_message_bytes, enable_SMTPUTF8=True,
         ident="mailbridge", server_hostname=settings.sharing_domain)

@@ -22,6 +22,9 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "portal"
 # No inline script anywhere; documents may be framed only by our own viewer page.
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
        "base-uri 'none'; frame-src 'self'; object-src 'self'; frame-ancestors 'none'")
+# Sent only when the portal's public address is https: browsers then refuse plain http for a
+# year, so a network attacker cannot strip TLS from a later visit.
+HSTS = "max-age=31536000; includeSubDomains"
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
@@ -38,6 +41,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.web.proxies,
                                 x_proto=settings.web.proxies)
     app.session_interface = DatabaseSessionInterface(runtime)
+    https = settings.service.base_url.lower().startswith("https://")
     CSRFProtect(app)
     limiter = Limiter(get_remote_address, app=app,
                       storage_uri=settings.web.ratelimit_storage_uri, default_limits=[],
@@ -67,6 +71,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
         headers["Referrer-Policy"] = "no-referrer"  # tokens are in our URLs
         headers.setdefault("Cache-Control", "no-store")
         headers["Cross-Origin-Opener-Policy"] = "same-origin"
+        if https:
+            headers["Strict-Transport-Security"] = HSTS
         return response
 
     @app.errorhandler(CSRFError)
