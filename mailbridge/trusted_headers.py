@@ -68,6 +68,8 @@ def judge(msg, from_domain: str, trusted_ids: Iterable[str], *, trust: bool) -> 
                        forged + len(block))
     if not block:
         return Verdict(None, "no trusted authentication-results", forged)
+    if any(header is None for header in block):
+        return Verdict(False, "trusted authentication-results unreadable", forged)
     proven, reason = _judge_block([r for header in block for r in header.results], from_domain)
     return Verdict(proven, reason, forged)
 
@@ -96,8 +98,14 @@ def _topmost_block(fields: list[tuple[str, str]], trusted: set[str]) -> tuple[li
     closed = False
     forged = 0
     for name, value in fields:
-        header = _parse(value) if name.lower() == FIELD else None
-        ident = clean_domain(header.authserv_id or "") if header is not None else None
+        if name.lower() != FIELD:
+            closed = closed or block_id is not None
+            continue
+        header = _parse(value)
+        # The id is read without authres too: a trusted server's field that authres cannot
+        # parse must still hold its place (and then proves nothing), not let the next count.
+        found = _AUTHSERV_ID.match(value)
+        ident = clean_domain(found.group(1)) if found else None
         if ident is None or ident not in trusted:
             closed = closed or block_id is not None
             continue
@@ -108,6 +116,9 @@ def _topmost_block(fields: list[tuple[str, str]], trusted: set[str]) -> tuple[li
         else:
             forged += 1
     return block, forged
+
+
+_AUTHSERV_ID = re.compile(r"\s*([^\s;()]+)")
 
 
 def _property(result, ptype: str, name: str) -> str | None:
