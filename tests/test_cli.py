@@ -88,7 +88,7 @@ def test_init_makes_an_older_data_directory_private(cfg, tmp_path):
     old.write_bytes(b"sealed")
     for path, mode in ((data, 0o755), (data / "documents", 0o755), (old, 0o644)):
         path.chmod(mode)
-    assert "made 3 file(s) and folder(s) private" in ok(cfg, "init")
+    assert "folder(s) private to this user" in ok(cfg, "init")
     assert stat.S_IMODE(old.stat().st_mode) == 0o600
     assert stat.S_IMODE((data / "documents").stat().st_mode) == 0o700
 

@@ -23,8 +23,6 @@ PRIVATE_UMASK = 0o077
 @click.pass_context
 def cli(ctx: click.Context, config_path: str) -> None:
     """mailbridge: share documents by e-mail through a secure portal."""
-    # Everything the service writes (database, WAL, blobs, outbox) is for its own user only.
-    os.umask(PRIVATE_UMASK)
     ctx.obj = Context(config_path)
 
 
@@ -39,6 +37,8 @@ cli.add_command(imap.imap_group)
 
 
 def main() -> None:
+    # Everything the service writes (database, WAL, blobs, outbox) is for its own user only.
+    os.umask(PRIVATE_UMASK)
     try:
         cli(standalone_mode=True)
     except ConfigError as exc:
