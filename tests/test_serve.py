@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import smtplib
+import stat
 import socket
 import subprocess
 import sys
@@ -254,6 +255,12 @@ def test_member_message_becomes_link_emails_and_a_receipt(setup, serve):
     printed = set(LINK.findall(process.stdout))
     assert printed == tokens
     assert "plan.pdf" in text_of(receipts[0])
+    # Everything the running service wrote is its user's alone (umask 077).
+    written = [p for p in setup.data_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "mailbridge.db-wal" for p in written)
+    assert any("documents" in p.parts for p in written) and any("spool" in p.parts
+                                                                  for p in written)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {oct(0o600)}
 
 
 def test_startup_names_smtp_and_maildir_and_warns_that_authentication_is_off(setup, serve):
