@@ -73,7 +73,6 @@ class IntakeHandler:
             return DISK_FULL
         except (*db.UNAVAILABLE, StorageError) as exc:
             log.error("smtp: could not spool (%s); answered 451", type(exc).__name__)
-            db.reset_connection(self.runtime.db)
             return DATABASE_UNAVAILABLE
         except Exception:
             log.exception("smtp: unexpected error while spooling; answered 451")
