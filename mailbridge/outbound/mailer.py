@@ -7,6 +7,7 @@ import mailbox
 import re
 import smtplib
 import ssl
+from collections.abc import Callable
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -14,6 +15,10 @@ from pathlib import Path
 from mailbridge.config import RelaySettings, Settings, read_relay_password
 
 MAX_REASON_CHARS = 300
+
+# Called the moment the relay (or the Maildir) has the message, before the connection is
+# closed: the caller records it as sent then, keeping the window for a duplicate small.
+Accepted = Callable[[], None] | None
 
 
 class DeliveryError(Exception):
@@ -42,7 +47,8 @@ class SmtpMailer:
         # Without a name smtplib asks DNS for this host's FQDN, which can stall for seconds.
         self.helo_name = helo_name
 
-    def send(self, envelope_from: str, to_addr: str, raw: bytes) -> None:
+    def send(self, envelope_from: str, to_addr: str, raw: bytes,
+             on_accepted: Accepted = None) -> None:
         relay = self.relay
         options = [] if envelope_from.isascii() and to_addr.isascii() else ["SMTPUTF8"]
         try:
@@ -57,6 +63,8 @@ class SmtpMailer:
                     raise PermanentFailure("the relay cannot send to international "
                                            "(SMTPUTF8) addresses")
                 smtp.sendmail(envelope_from, [to_addr], raw, mail_options=options)
+                if on_accepted is not None:  # before QUIT: a crash there must not resend
+                    on_accepted()
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
             raise _by_code(code, text, "recipient refused") from None
@@ -80,7 +88,8 @@ class MaildirMailer:
         self.path = Path(path)
         self._link = re.compile(re.escape(base_url.rstrip("/")) + r"/(?:s|reset)/[A-Za-z0-9_\-]+")
 
-    def send(self, envelope_from: str, to_addr: str, raw: bytes) -> None:
+    def send(self, envelope_from: str, to_addr: str, raw: bytes,
+             on_accepted: Accepted = None) -> None:
         # What a delivering MTA adds, so a reader of the Maildir sees the envelope.
         trace = f"Return-Path: <{envelope_from}>\nDelivered-To: {to_addr}\n".encode()
         try:
@@ -88,6 +97,8 @@ class MaildirMailer:
         except OSError as exc:
             raise TransientFailure(f"cannot write to the maildir ({type(exc).__name__})") \
                 from None
+        if on_accepted is not None:
+            on_accepted()
 
     @staticmethod
     def subject(raw: bytes) -> str:
