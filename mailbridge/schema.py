@@ -51,11 +51,21 @@ def _v4_intake_origin(db: peewee.Database) -> None:
         migrate(migrator.add_index("inbound_message", ("client_ip", "received_at"), False))
 
 
+def _v5_blob_index(db: peewee.Database) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    # Version 1 creates tables from today's models, which already have the index.
+    if "inbound_message_blob_id" not in {i.name for i in db.get_indexes("inbound_message")}:
+        migrate(SchemaMigrator.from_database(db).add_index("inbound_message", ("blob_id",),
+                                                           False))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
     (3, "reminders and sender notifications on grants", _v3_lifecycle),
     (4, "where each inbound message came from (client IP, protocol)", _v4_intake_origin),
+    (5, "an index on spooled messages' blob ids (orphaned-file sweep)", _v5_blob_index),
 ]
 LATEST = MIGRATIONS[-1][0]
 
