@@ -3,10 +3,11 @@ and can refuse chosen recipients or answer 451 to the first few deliveries."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -21,6 +22,7 @@ class Received:
     rcpt_tos: list[str]
     raw: bytes
     message: EmailMessage
+    at: float = 0.0  # time.monotonic() when it was accepted
 
 
 def free_port() -> int:
@@ -41,6 +43,8 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.sink.delay_seconds:  # a slow relay, without holding up other sessions
+            await asyncio.sleep(self.sink.delay_seconds)
         return self.sink._accept(envelope.mail_from, list(envelope.rcpt_tos),
                                  bytes(envelope.original_content or envelope.content))
 
@@ -50,6 +54,9 @@ class SmtpSink:
 
     refuse: recipients answered `550 5.1.1` at RCPT.
     tempfail_first: how many DATA commands are answered `451` before messages are accepted.
+    delay_seconds: how long each DATA takes before it is answered (a slow relay).
+    on_message: called with each accepted message before the 250 is sent (to inject faults
+    at the moment a relay has a message).
     """
 
     def __init__(self, *, refuse: Iterable[str] = (), tempfail_first: int = 0) -> None:
@@ -58,6 +65,8 @@ class SmtpSink:
         self.refuse = {a.lower() for a in refuse}
         self.tempfail_left = tempfail_first
         self.attempts = 0  # DATA commands seen, accepted or not
+        self.delay_seconds = 0.0
+        self.on_message: Callable[[Received], None] | None = None
         self._received: list[Received] = []
         self._cond = threading.Condition()
         self._controller = Controller(_Handler(self), hostname=self.host, port=self.port)
@@ -98,6 +107,9 @@ class SmtpSink:
                 self.tempfail_left -= 1
                 return "451 4.3.0 Temporary failure, try again later"
             message = BytesParser(policy=policy.default).parsebytes(raw)
-            self._received.append(Received(mail_from, rcpt_tos, raw, message))
+            received = Received(mail_from, rcpt_tos, raw, message, time.monotonic())
+            self._received.append(received)
             self._cond.notify_all()
+        if self.on_message is not None:
+            self.on_message(received)
         return "250 Message accepted for delivery"
