@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class ServiceSettings:
     master_key_file: str = ""  # empty: <data_dir>/master.key
     timezone: str = "UTC"
     log_level: str = "INFO"
+    # Names this node's claims on queued work; empty: a random id kept in <data_dir>/node-id.
+    # Nodes that share one data directory must each set their own.
+    node_id: str = ""
+    stop_timeout_seconds: float = 10.0  # SIGTERM to exit, under Docker's and systemd's grace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +148,9 @@ class RetentionSettings:
     spool_days: float = 30.0  # raw inbound messages (documents stay in shares)
     session_days: float = 30.0  # ended portal sessions
     code_days: float = 1.0  # spent one-time codes and reset links
+    # Files no row references (a crash between writing and committing) are removed once this
+    # old: the margin covers a transaction still committing, also on another node.
+    orphan_hours: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,9 +175,11 @@ class LimitSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
-    lease_seconds: float = 300.0
+    lease_seconds: float = 60.0  # renewed while held; a crashed node's work waits this long
     max_attempts: int = 5
     retry_base_seconds: float = 30.0
+    # Database or storage trouble: the message waits (attempts not counted), back-off capped here.
+    retry_max_seconds: float = 300.0
     poll_seconds: float = 5.0
 
 
@@ -414,6 +424,10 @@ def validate(s: Settings) -> None:
             f"[service] timezone: unknown time zone {s.service.timezone!r}") from None
     if s.service.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("[service] log_level: expected DEBUG, INFO, WARNING or ERROR")
+    if s.service.node_id and not re.fullmatch(r"[A-Za-z0-9._:-]{1,100}", s.service.node_id):
+        raise ConfigError("[service] node_id: expected up to 100 letters, digits and . _ : -")
+    if s.service.stop_timeout_seconds <= 0:
+        raise ConfigError("[service] stop_timeout_seconds: must be more than 0")
     if not s.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(
             f"[database] url: expected sqlite:///PATH or postgresql://..., got {s.database.url!r}")
@@ -453,7 +467,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("[shares] remind_before_hours: must be 0 (off) or more")
     if s.shares.max_extend_hours <= 0:
         raise ConfigError("[shares] max_extend_hours: must be more than 0")
-    for key in ("spool_days", "session_days", "code_days"):
+    for key in ("spool_days", "session_days", "code_days", "orphan_hours"):
         if getattr(s.retention, key) <= 0:
             raise ConfigError(f"[retention] {key}: must be more than 0")
     lim = s.limits
@@ -473,6 +487,8 @@ def validate(s: Settings) -> None:
                               "network (e.g. \"192.0.2.10\" or \"10.0.0.0/8\")") from None
     if s.worker.lease_seconds <= 0:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
+    if s.worker.retry_max_seconds < s.worker.retry_base_seconds:
+        raise ConfigError("[worker] retry_max_seconds: must be at least retry_base_seconds")
     _validate_smtp_tls(s.smtp)
     _validate_relay_tls(s.outbound.smtp)
     _validate_imap(s.imap)

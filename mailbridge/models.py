@@ -59,7 +59,7 @@ class InboundMessage(BaseModel):
     client_ip = pw.CharField(max_length=64, default="")
     protocol = pw.CharField(max_length=16, default="")
     size = pw.BigIntegerField()
-    blob_id = pw.CharField(max_length=64)
+    blob_id = pw.CharField(max_length=64, index=True)  # the orphan sweep looks files up
     blob_key = pw.BlobField()
     raw_sha256 = pw.CharField(max_length=64)
     source_key = pw.CharField(max_length=400, null=True, unique=True)  # e.g. IMAP uid

@@ -1,9 +1,10 @@
 """THE page to read: what happens to one spooled message, step by step.
 
 Each step is a small function that either hands data to the next step or ends the message
-with a typed outcome: `Ignore`, `Reject`, `Done`, or `TempFail` (the worker retries later;
-a database outage surfaces as an exception the worker treats the same way). The final step
-records the outcome together with whatever it created, in one transaction.
+with a typed outcome: `Ignore`, `Reject`, `Done`, or `TempFail` (the worker retries later).
+A database or storage outage surfaces as an exception: the worker makes the message wait
+without counting the attempt. The final step records the outcome together with whatever it
+created, in one transaction.
 """
 
 from __future__ import annotations

@@ -107,6 +107,16 @@ def _key(phi_key: bytes | None) -> bytes:
     return phi_key
 
 
+def _v7_blob_index(db: peewee.Database, phi_key: bytes | None) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    # Version 1 creates tables from today's models, which already have the index.
+    if "inbound_message_blob_id" not in {i.name for i in db.get_indexes("inbound_message")}:
+        migrate(SchemaMigrator.from_database(db).add_index("inbound_message", ("blob_id",),
+                                                           False))
+
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, bytes | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -115,6 +125,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, bytes | None], None]
     (5, "members' messages acted on (a replay is refused by the database); per-sender budgets",
      _v5_seen_messages),
     (6, "titles, notes, file names and error text sealed (PHI at rest)", _v6_sealed_phi),
+    (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
 ]
 LATEST = MIGRATIONS[-1][0]
 

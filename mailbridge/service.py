@@ -1,11 +1,15 @@
 """`mailbridge serve`: SMTP (and IMAP) intake, worker, outbound dispatcher, scheduler and web
-portal in one process, started in dependency order and stopped in reverse."""
+portal in one process, started in dependency order and stopped in reverse — within `[service]
+stop_timeout_seconds`: every part is told at once, finishes the item in hand and hands the
+rest back."""
 
 from __future__ import annotations
 
 import logging
 import resource
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from waitress.server import create_server
@@ -41,7 +45,8 @@ class Service:
         self.worker = Worker(runtime, self.node)
         self.imap = ImapPoller(runtime) if runtime.settings.imap.enabled else None
         self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node)
-        self.scheduler = jobs.build_scheduler(runtime) if scheduler else None
+        self._jobs_stop = threading.Event()
+        self.scheduler = jobs.build_scheduler(runtime, self._jobs_stop) if scheduler else None
         self.web = None
         if web:
             settings = runtime.settings.web
@@ -99,26 +104,58 @@ class Service:
     def web_port(self) -> int | None:
         return self.web.effective_port if self.web else None
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting first, then let in-flight work finish or hand it back."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop accepting, then tell every part to stop at once: each finishes the item in
+        hand (a message, an e-mail, a job's batch) and hands the rest back. True if all ended
+        within `timeout` (default `[service] stop_timeout_seconds`); work still in hand after
+        that is resumed at this node's next start."""
+        if timeout is None:
+            timeout = self.runtime.settings.service.stop_timeout_seconds
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        self.worker.signal_stop()
+        self.dispatcher.signal_stop()
+        self._jobs_stop.set()
         if self.smtps:
             self.smtps.stop()
         self.smtp.stop()
-        if self.imap and not self.imap.stop(timeout):
+        ended = True
+        if self.imap and not self.imap.stop(left()):
             log.warning("IMAP poller did not finish in time; its messages are taken again at "
                         "start")
-        self.executor.shutdown(wait=True)
-        if not self.worker.stop(timeout):
+            ended = False
+        ended &= _within(lambda: self.executor.shutdown(wait=True), left(), "SMTP intake")
+        if not self.worker.stop(left()):
             log.warning("worker did not finish in time; its message will be resumed at start")
+            ended = False
         if self.scheduler:
-            self.scheduler.shutdown(wait=True)
-        self.dispatcher.stop(timeout)
+            ended &= _within(lambda: self.scheduler.shutdown(wait=True), left(),
+                             "scheduled jobs")
+        if not self.dispatcher.stop(left()):
+            log.warning("dispatcher did not finish in time; its e-mail is sent again at start")
+            ended = False
         if self.web:
             self._stopping.set()
             self.web.close()
             if self._web_thread is not None:
-                self._web_thread.join(2.0)  # keep-alive clients may hold it; it is a daemon
-        self.runtime.db.close()
+                self._web_thread.join(min(2.0, left()))  # keep-alive clients may hold it
+        if ended:
+            self.runtime.db.close()
+        return ended
+
+
+def _within(wait: Callable[[], object], seconds: float, what: str) -> bool:
+    """Run a blocking wait for at most `seconds` (it goes on in the background after)."""
+    waiter = threading.Thread(target=wait, name=f"stop {what}", daemon=True)
+    waiter.start()
+    waiter.join(seconds)
+    if waiter.is_alive():
+        log.warning("%s did not finish in time; interrupted work is resumed at start", what)
+        return False
+    return True
 
 
 def raise_open_file_limit(connection_limit: int) -> tuple[int, int]:

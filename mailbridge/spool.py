@@ -106,7 +106,8 @@ def discard_raw(runtime: Runtime, row: InboundMessage) -> None:
 
 
 def retry_later(runtime: Runtime, row: InboundMessage, reason: str) -> str:
-    """TempFail: back off, or park as failed after `[worker] max_attempts`."""
+    """TempFail (the message's own trouble, e.g. a DNS timeout while checking its DKIM
+    signature): back off, or park as failed after `[worker] max_attempts`."""
     cfg = runtime.settings.worker
     now = runtime.clock()
     with runtime.db.atomic():
@@ -121,6 +122,21 @@ def retry_later(runtime: Runtime, row: InboundMessage, reason: str) -> str:
     return "queued"
 
 
+def wait_for_service(runtime: Runtime, row: InboundMessage, cause: str,
+                     delay: float) -> str:
+    """Database or storage trouble is the service's problem, not the message's: the message
+    waits `delay` seconds, queued with the reason `waiting: <cause>` (what `spool list`
+    shows), and the attempt is not counted, so it never becomes `failed` for that."""
+    with runtime.db.atomic():
+        (InboundMessage.update(state="queued", lease_until=None, claimed_by="",
+                               reason=f"waiting: {cause}", attempts=_uncounted(),
+                               next_attempt_at=runtime.clock() + dt.timedelta(seconds=delay))
+         .where((InboundMessage.id == row.id) & (InboundMessage.state == "processing")
+                & (InboundMessage.claimed_by == row.claimed_by))
+         .execute())
+    return "waiting"
+
+
 def park_failed(runtime: Runtime, row: InboundMessage, reason: str, details: str = "") -> None:
     """`reason` names the failure without quoting anything; `details` (a traceback, whose
     exception text may quote the message) is kept sealed for `mailbridge spool show`."""
@@ -131,13 +147,19 @@ def park_failed(runtime: Runtime, row: InboundMessage, reason: str, details: str
 
 
 def release(runtime: Runtime, row: InboundMessage) -> None:
-    """Shutting down mid-message: hand the row back untouched."""
+    """Hand a claimed row back untouched (due at once, the claim not counted) — unless another
+    node has taken it over since."""
     with runtime.db.atomic():
         (InboundMessage.update(state="queued", lease_until=None, claimed_by="",
-                               attempts=peewee.Case(None, [(InboundMessage.attempts > 0,
-                                                            InboundMessage.attempts - 1)], 0))
-         .where((InboundMessage.id == row.id) & (InboundMessage.state == "processing"))
+                               attempts=_uncounted())
+         .where((InboundMessage.id == row.id) & (InboundMessage.state == "processing")
+                & (InboundMessage.claimed_by == row.claimed_by))
          .execute())
+
+
+def _uncounted():
+    """`attempts - 1`: undoes the count that claiming added."""
+    return peewee.Case(None, [(InboundMessage.attempts > 0, InboundMessage.attempts - 1)], 0)
 
 
 def requeue(runtime: Runtime, row_id: int) -> bool:
@@ -152,3 +174,17 @@ def requeue(runtime: Runtime, row_id: int) -> bool:
     if n:
         runtime.wake_worker.set()
     return bool(n)
+
+
+def requeue_failed(runtime: Runtime) -> int:
+    """Operator's `spool retry --all-failed`: every failed message whose raw message is still
+    kept is processed again (not those that could not be read at all)."""
+    with runtime.db.atomic():
+        n = (InboundMessage.update(state="queued", attempts=0, lease_until=None, claimed_by="",
+                                   next_attempt_at=runtime.clock(), finished_at=None)
+             .where((InboundMessage.state == "failed") & (InboundMessage.outcome != "unreadable")
+                    & InboundMessage.purged_at.is_null())
+             .execute())
+    if n:
+        runtime.wake_worker.set()
+    return n

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -52,6 +53,8 @@ _TAG_SIZE = 16
 _MAX_CHUNKS = 2**32  # the per-chunk nonce counter is 4 bytes
 MAX_CHUNK_SIZE = 64 * 1024 * 1024  # also caps what a forged header can make us allocate
 _BLOB_ID = re.compile(r"[0-9a-f]{32}")
+_FOLDER = re.compile(r"[0-9a-f]{2}")
+_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.[A-Za-z0-9_]+\.tmp")  # what `put` writes first
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ class BlobStore(Protocol):
     def open(self, blob_id: str, wrapped_key: bytes) -> Iterator[bytes]: ...
 
     def delete(self, blob_id: str) -> None: ...
+
+    def stale_files(self, older_than: float) -> Iterator[tuple[str, bool]]: ...
+
+    def delete_temporary(self, name: str) -> None: ...
 
 
 class LocalBlobStore:
@@ -142,6 +149,33 @@ class LocalBlobStore:
             except FileNotFoundError:
                 return
             _fsync_dir(path.parent)
+
+    def stale_files(self, older_than: float) -> Iterator[tuple[str, bool]]:
+        """Files last written before `older_than` (a `time.time()` value), as (name,
+        temporary): blobs by id, and `.tmp` files a crash left half-written."""
+        if not self._root.is_dir():
+            return
+        for folder in sorted(self._root.iterdir()):
+            if not (folder.is_dir() and _FOLDER.fullmatch(folder.name)):
+                continue
+            for path in folder.iterdir():
+                try:
+                    info = path.lstat()
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime >= older_than:
+                    continue
+                if _BLOB_ID.fullmatch(path.name) and path.name[:2] == folder.name:
+                    yield path.name, False
+                elif _TEMPORARY.fullmatch(path.name) and path.name[1:3] == folder.name:
+                    yield path.name, True
+
+    def delete_temporary(self, name: str) -> None:
+        """Remove a half-written `.tmp` file named by `stale_files`."""
+        if not _TEMPORARY.fullmatch(name):
+            raise StorageError("not a temporary blob file")
+        with _os_errors(name[1:33]), contextlib.suppress(FileNotFoundError):
+            (self._root / name[1:3] / name).unlink()
 
     def _path(self, blob_id: str) -> Path:
         if not _BLOB_ID.fullmatch(blob_id):

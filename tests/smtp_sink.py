@@ -3,11 +3,12 @@ and can refuse chosen recipients or answer 451 to the first few deliveries."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -22,6 +23,7 @@ class Received:
     rcpt_tos: list[str]
     raw: bytes
     message: EmailMessage
+    at: float = 0.0  # time.monotonic() when it was accepted
 
 
 def free_port() -> int:
@@ -42,6 +44,8 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.sink.delay_seconds:  # a slow relay, without holding up other sessions
+            await asyncio.sleep(self.sink.delay_seconds)
         return self.sink._accept(envelope.mail_from, list(envelope.rcpt_tos),
                                  bytes(envelope.original_content or envelope.content))
 
@@ -53,6 +57,9 @@ class SmtpSink:
     tempfail_first: how many DATA commands are answered `451` before messages are accepted.
     tls: a server context; the sink then offers STARTTLS, or with `implicit` speaks TLS from
     the start. `host`: the address to listen on.
+    delay_seconds: how long each DATA takes before it is answered (a slow relay).
+    on_message: called with each accepted message before the 250 is sent (to inject faults
+    at the moment a relay has a message).
     """
 
     def __init__(self, *, refuse: Iterable[str] = (), tempfail_first: int = 0,
@@ -63,6 +70,8 @@ class SmtpSink:
         self.refuse = {a.lower() for a in refuse}
         self.tempfail_left = tempfail_first
         self.attempts = 0  # DATA commands seen, accepted or not
+        self.delay_seconds = 0.0
+        self.on_message: Callable[[Received], None] | None = None
         self._received: list[Received] = []
         self._cond = threading.Condition()
         tls_options = {}
@@ -107,6 +116,9 @@ class SmtpSink:
                 self.tempfail_left -= 1
                 return "451 4.3.0 Temporary failure, try again later"
             message = BytesParser(policy=policy.default).parsebytes(raw)
-            self._received.append(Received(mail_from, rcpt_tos, raw, message))
+            received = Received(mail_from, rcpt_tos, raw, message, time.monotonic())
+            self._received.append(received)
             self._cond.notify_all()
+        if self.on_message is not None:
+            self.on_message(received)
         return "250 Message accepted for delivery"

@@ -266,6 +266,41 @@ def test_failed_message_is_listed_and_retry_queues_it_again(ready):
     assert ok(ready, "spool", "list", "--state", "failed") == ""
 
 
+def test_retry_all_failed_queues_every_failed_message_but_the_unreadable(ready):
+    runtime = build_runtime(load_settings(ready, env={}))
+    try:
+        rows = [spool.enqueue(runtime, b"Subject: x\r\n\r\nbody\r\n", channel="smtp",
+                              envelope_from=MEMBER, envelope_to=["share@portal.example"])
+                for _ in range(3)]
+        for row in rows[:2]:
+            spool.park_failed(runtime, row, "gave up")
+        unreadable = spool.enqueue(runtime, b"", channel="imap", envelope_from="",
+                                   envelope_to=[], unreadable="no header")
+    finally:
+        runtime.db.close()
+    assert ok(ready, "spool", "retry", "--all-failed").startswith("2 failed inbound message(s)")
+    queued = ok(ready, "spool", "list", "--state", "queued")
+    assert {line.split("\t")[0] for line in queued.splitlines()} == {f"#{r.id}" for r in rows}
+    [failed] = ok(ready, "spool", "list", "--state", "failed").splitlines()
+    assert failed.startswith(f"#{unreadable.id}\t")
+    result = mb(ready, "spool", "retry")
+    assert result.exit_code != 0 and "either a message ID or --all-failed" in result.stderr
+
+
+def test_a_message_waiting_for_the_service_says_so_and_when(ready):
+    runtime = build_runtime(load_settings(ready, env={}))
+    try:
+        spool.enqueue(runtime, b"Subject: x\r\n\r\nbody\r\n", channel="smtp",
+                      envelope_from=MEMBER, envelope_to=["share@portal.example"])
+        row = spool.claim_next(runtime, "node-a")
+        assert spool.wait_for_service(runtime, row, "storage full", 30) == "waiting"
+    finally:
+        runtime.db.close()
+    [line] = ok(ready, "spool", "list").splitlines()
+    assert "\tqueued\t" in line and "attempts 0" in line  # the wait is not counted
+    assert "waiting: storage full (next try " in line
+
+
 def test_retrying_an_unknown_message_fails_naming_the_argument(ready):
     result = mb(ready, "spool", "retry", "999")
     assert result.exit_code != 0

@@ -98,6 +98,10 @@ def test_settings_are_frozen(tmp_path):
     (MINIMAL + "\n[smtp]\nprot = 25\n", {}, "[smtp] prot"),
     (MINIMAL + "\n[smpt]\nport = 25\n", {}, "[smpt]"),
     (MINIMAL + '\n[limits]\nallowed_types = ["exe"]\n', {}, "[limits] allowed_types"),
+    (MINIMAL, {"MAILBRIDGE_SERVICE_NODE_ID": "a node"}, "[service] node_id"),
+    (MINIMAL, {"MAILBRIDGE_SERVICE_STOP_TIMEOUT_SECONDS": "0"}, "[service] stop_timeout_seconds"),
+    (MINIMAL, {"MAILBRIDGE_WORKER_RETRY_MAX_SECONDS": "1"}, "[worker] retry_max_seconds"),
+    (MINIMAL, {"MAILBRIDGE_RETENTION_ORPHAN_HOURS": "0"}, "[retention] orphan_hours"),
     (MINIMAL.replace('from = "mailbridge@portal.example"', ""), {}, "[outbound] from"),
 ])
 def test_wrong_or_missing_key_names_the_key(tmp_path, text, env, key):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+
 from mailbridge import schema
 from mailbridge.clock import system_clock
-from mailbridge.db import is_postgres, open_database
+from mailbridge.db import INFRASTRUCTURE, is_postgres, open_database
 from mailbridge.models import Clinic
 
 
@@ -43,3 +47,99 @@ def test_upgrade_from_version_1_adds_the_portal_tables(tmp_path):
     assert {"archived_at", "reminded_at"} <= {c.name for c in db.get_columns("grant")}
     assert models.WebSession.table_exists() and models.OneTimeCode.table_exists()
     db.close()
+
+
+# --- a PostgreSQL connection that dies -------------------------------------------------------
+
+
+@pytest.fixture
+def pg(postgres_url):
+    from playhouse.db_url import connect
+
+    from tests.conftest import PG_ADMIN_URL
+
+    db = open_database(postgres_url)
+    db.execute_sql("DROP TABLE IF EXISTS probe")
+    db.execute_sql("CREATE TABLE probe (x integer)")
+    admin = connect(PG_ADMIN_URL)
+    name = postgres_url.rsplit("/", 1)[1]
+
+    def cut() -> None:
+        """What a failover, a restart or a pooler's idle timeout does to our connections."""
+        admin.execute_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+    yield db, cut
+    db.close()
+    admin.close()
+
+
+def rows(db) -> int:
+    return db.execute_sql("SELECT count(*) FROM probe").fetchone()[0]
+
+
+def test_a_read_on_a_cut_connection_is_answered_on_a_new_one(pg):
+    db, cut = pg
+    cut()
+    assert rows(db) == 0  # nothing ran on the dead connection, so it is asked again
+
+
+def test_a_write_on_a_cut_connection_fails_once_then_the_thread_reconnects(pg):
+    db, cut = pg
+    cut()
+    with pytest.raises(INFRASTRUCTURE):  # it may or may not have run: never repeated
+        db.execute_sql("INSERT INTO probe VALUES (1)")
+    db.execute_sql("INSERT INTO probe VALUES (2)")
+    assert rows(db) == 1
+
+
+def test_a_transaction_begun_on_a_cut_connection_runs_on_a_new_one(pg):
+    db, cut = pg
+    cut()
+    with db.atomic():
+        db.execute_sql("INSERT INTO probe VALUES (1)")
+    assert rows(db) == 1
+
+
+def test_a_connection_cut_inside_a_transaction_fails_it_and_commits_nothing(pg):
+    db, cut = pg
+    with pytest.raises(INFRASTRUCTURE), db.atomic():
+        db.execute_sql("INSERT INTO probe VALUES (1)")
+        cut()
+        db.execute_sql("INSERT INTO probe VALUES (2)")
+    assert not db.in_transaction()
+    assert rows(db) == 0
+
+
+def test_a_commit_that_finds_the_connection_dead_raises_instead_of_committing_nothing(pg):
+    db, cut = pg
+    with pytest.raises(INFRASTRUCTURE), db.atomic():
+        db.execute_sql("INSERT INTO probe VALUES (1)")
+        cut()
+        # The driver learns of the cut only when it next talks to the server.
+        with pytest.raises(INFRASTRUCTURE):
+            db.execute_sql("SELECT 1")
+    assert rows(db) == 0
+
+
+def test_every_thread_recovers_by_itself(pg):
+    db, cut = pg
+    results: list[int] = []
+
+    def use_twice(cut_between: threading.Barrier) -> None:
+        rows(db)  # this thread's own connection
+        cut_between.wait()
+        cut_between.wait()
+        results.append(rows(db))
+        db.close()
+
+    barrier = threading.Barrier(4)
+    threads = [threading.Thread(target=use_twice, args=(barrier,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    cut()
+    barrier.wait()
+    for thread in threads:
+        thread.join(10)
+    assert results == [0, 0, 0]

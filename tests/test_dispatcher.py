@@ -186,7 +186,7 @@ def test_row_of_a_dispatcher_that_kept_crashing_is_given_up(make_runtime, clock)
         OutboundMessage.delete().where(OutboundMessage.kind == "receipt").execute()
         for _ in range(2):  # claimed, then the process died before marking it
             assert outbox.claim_due(runtime)
-            clock.advance(seconds=outbox.LEASE_SECONDS + 1)
+            clock.advance(seconds=runtime.settings.worker.lease_seconds + 1)
         assert dispatch_due(runtime, make_mailer(runtime.settings)) == {**NOTHING, "failed": 1}
         assert sink.messages == []
     assert delivery(grant) == "failed"
@@ -250,3 +250,42 @@ def test_phi_held_for_a_clear_text_relay_elsewhere_waits_without_using_up_attemp
         assert row.last_error.startswith("held: [outbound.smtp] tls")
         assert row.next_attempt_at == clock() + dt.timedelta(seconds=3600)
         clock.advance(seconds=3600)
+def test_a_send_the_database_could_not_record_is_recorded_later_not_sent_again(make_runtime,
+                                                                              db_url):
+    if not db_url.startswith("postgresql"):
+        pytest.skip("connections are refused on PostgreSQL")
+    from playhouse.db_url import connect
+
+    from mailbridge.db import UNAVAILABLE
+    from mailbridge.outbound.dispatcher import settle_owed
+    from tests.conftest import PG_ADMIN_URL
+
+    name = db_url.rsplit("/", 1)[1]
+    admin = connect(PG_ADMIN_URL)
+
+    def database_gone(_received) -> None:  # at the moment the relay has the e-mail
+        admin.execute_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        admin.execute_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+    owed: list = []
+    try:
+        with SmtpSink() as sink:
+            runtime = make_runtime(sink.port)
+            _, (grant,) = share_with_mail(runtime, ["dr.smith@ortho.example"])
+            sink.on_message = database_gone
+            with pytest.raises(UNAVAILABLE):
+                dispatch_due(runtime, make_mailer(runtime.settings), owed=owed)
+            sink.on_message = None
+            assert len(sink.messages) == 1 and owed  # sent; the record and the rest owed
+            admin.execute_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            settle_owed(owed)
+            assert OutboundMessage.get(OutboundMessage.kind == "link").state == "sent"
+            assert delivery(grant) == "sent"
+            assert dispatch_due(runtime, make_mailer(runtime.settings)) == {**NOTHING,
+                                                                           "sent": 1}
+            assert sorted(m.rcpt_tos[0] for m in sink.messages) == [
+                "dr.smith@ortho.example", SENDER]  # each once
+    finally:
+        admin.execute_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        admin.close()

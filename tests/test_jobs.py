@@ -372,3 +372,44 @@ def test_a_failed_message_whose_raw_copy_was_purged_cannot_be_retried(runtime):
     clock.advance(days=rt.settings.retention.spool_days + 1)
     assert jobs.purge(rt) >= 1
     assert not spool.requeue(rt, row.id)
+
+
+# --- faults ------------------------------------------------------------------------------
+
+
+def test_a_scheduled_job_recovers_from_cut_connections_by_itself(runtime, caplog):
+    if not runtime.db.__class__.__name__.startswith("Recovering"):
+        pytest.skip("connections are cut on PostgreSQL")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from playhouse.db_url import connect
+
+    from mailbridge.outages import Outage
+    from tests.conftest import PG_ADMIN_URL
+
+    stop = threading.Event()
+    outage = Outage(jobs.log, "expire")
+    with ThreadPoolExecutor(1) as pool:  # one thread, as a pooled scheduler thread is reused
+        def run():
+            return pool.submit(jobs._guarded, jobs.expire_grants, outage, runtime, stop).result()
+
+        assert run() == 0
+        admin = connect(PG_ADMIN_URL)
+        admin.execute_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()",
+                          (runtime.db.database,))
+        admin.close()
+        make_grant(system_clock() - dt.timedelta(hours=25))
+        assert run() == 1
+    assert not outage.active
+
+
+def test_a_stopping_service_ends_the_outbox_and_spool_jobs_between_items(runtime):
+    add_jane()
+    stop = threading.Event()
+    stop.set()
+    spool.enqueue(runtime, bytes(share_message()), channel="smtp", envelope_from=MEMBER,
+                  envelope_to=["share@portal.example"])
+    assert jobs.process_spool(runtime, stop=stop) == 0
+    assert jobs.dispatch_outbox(runtime, stop=stop) == 0
+    assert InboundMessage.get().state == "queued"

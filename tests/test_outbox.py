@@ -107,13 +107,13 @@ def test_claim_takes_due_rows_once(runtime, clock):
     due, = enqueue(runtime)
     clock.advance(seconds=1)
     later, = enqueue(runtime)
-    OutboundMessage.update(next_attempt_at=clock() + dt.timedelta(minutes=5)).where(
+    OutboundMessage.update(next_attempt_at=clock() + dt.timedelta(seconds=30)).where(
         OutboundMessage.id == later.id).execute()
     claimed = outbox.claim_due(runtime)
     assert [r.id for r in claimed] == [due.id]
     assert claimed[0].state == "sending" and claimed[0].attempts == 1
     assert outbox.claim_due(runtime) == []
-    clock.advance(minutes=5)
+    clock.advance(seconds=30)  # due now; the first row's lease (60 s) still holds
     assert [r.id for r in outbox.claim_due(runtime)] == [later.id]
 
 
@@ -126,7 +126,7 @@ def test_claim_respects_limit(runtime):
 def test_lease_of_a_crashed_dispatcher_expires(runtime, clock):
     row, = enqueue(runtime)
     assert outbox.claim_due(runtime)
-    clock.advance(seconds=outbox.LEASE_SECONDS - 1)
+    clock.advance(seconds=runtime.settings.worker.lease_seconds - 1)
     assert outbox.claim_due(runtime) == []
     clock.advance(seconds=2)
     again = outbox.claim_due(runtime)

@@ -9,8 +9,8 @@ import re
 import shutil
 import signal
 import smtplib
-import stat
 import socket
+import stat
 import subprocess
 import sys
 import time

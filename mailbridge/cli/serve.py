@@ -4,6 +4,7 @@ the SMTP TLS certificate."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import sys
@@ -69,5 +70,14 @@ def serve(ctx: Context) -> None:
     while signals.get() == signal.SIGHUP:
         service.reload_tls()
     click.echo("mailbridge: stopping (no new mail accepted; finishing work in hand)")
-    service.stop()
-    click.echo("mailbridge: stopped")
+    sys.stdout.flush()
+    if service.stop():
+        click.echo("mailbridge: stopped")
+        return
+    # Something is stuck (a relay or database not answering): leave anyway, as a crash would.
+    # Rows still claimed are this node's and are resumed at its next start.
+    click.echo(f"mailbridge: stopped after {settings.service.stop_timeout_seconds:g} s; work "
+               "still in hand is resumed at the next start")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -27,17 +27,30 @@ def spool_list(ctx: Context, state: str, limit: int) -> None:
     if state != "all":
         query = query.where(InboundMessage.state == state)
     for row in query:
+        reason = row.reason.splitlines()[-1] if row.reason else ""
+        if row.state == "queued" and reason.startswith("waiting: "):
+            # The service's trouble (database, storage), not the message's: say when it is
+            # tried next, so an operator sees nothing is stuck.
+            reason += f" (next try {row.next_attempt_at:%H:%M:%S}Z)"
         click.echo(f"#{row.id}\t{row.received_at:%Y-%m-%d %H:%M:%S}Z\t{row.channel}\t"
-                   f"{row.state}\t{row.outcome}\tattempts {row.attempts}\t"
-                   f"{row.reason.splitlines()[-1] if row.reason else ''}")
+                   f"{row.state}\t{row.outcome}\tattempts {row.attempts}\t{reason}")
 
 
 @spool_group.command("retry")
-@click.argument("message_id", type=int, metavar="ID")
+@click.argument("message_id", type=int, metavar="ID", required=False)
+@click.option("--all-failed", is_flag=True,
+              help="Queue every failed message again (not those that could not be read).")
 @pass_ctx
-def spool_retry(ctx: Context, message_id: int) -> None:
-    """Queue a failed message for processing again."""
+def spool_retry(ctx: Context, message_id: int | None, all_failed: bool) -> None:
+    """Queue a failed message (or with --all-failed, every one) for processing again."""
+    if (message_id is None) == (not all_failed):
+        raise click.UsageError("give either a message ID or --all-failed (not both)")
     runtime = ctx.ready_runtime()
+    if all_failed:
+        count = spool.requeue_failed(runtime)
+        click.echo(f"{count} failed inbound message(s) queued again; a running service "
+                   "picks them up")
+        return
     if not spool.requeue(runtime, message_id):
         raise click.BadParameter(f"no failed message #{message_id} (or its raw message was "
                                  "purged)", param_hint="ID")

@@ -3,17 +3,20 @@ and tells a sender when a recipient's link could not be delivered."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 
-from mailbridge import notifications
+from mailbridge import leases, notifications
 from mailbridge.db import UNAVAILABLE
 from mailbridge.models import Grant, OutboundMessage
+from mailbridge.outages import Outage, cause_of
 from mailbridge.outbound import outbox
 from mailbridge.outbound.mailer import (
+    DeliveryError,
     HeldBack,
     MaildirMailer,
     PermanentFailure,
@@ -28,26 +31,84 @@ Mailer = SmtpMailer | MaildirMailer
 BATCH = 20
 
 
+class SentUnrecorded(Exception):
+    """The relay has the message but the database could not record it (an outage)."""
+
+
+# Database writes a dispatcher still owes (record a sent row, hand back claimed rows), done
+# as soon as the database answers again instead of waiting for the lease to run out.
+Owed = list[Callable[[], object]]
+
+
 def dispatch_due(runtime: Runtime, mailer: Mailer, *, limit: int = BATCH,
                  stop: threading.Event | None = None,
-                 out: Callable[[str], None] = print, node: str = "") -> dict[str, int]:
+                 out: Callable[[str], None] = print, node: str = "",
+                 owed: Owed | None = None) -> dict[str, int]:
     """Send the rows that are due; returns how many were sent, retried and failed.
 
     `out` shows a local operator the links written by the Maildir transport. When `stop` is
-    set, the rows not yet sent are handed back to the queue.
+    set, the rows not yet sent are handed back to the queue. The batch's leases are renewed
+    while it is in hand. A database error ends the batch (and propagates): the rows not sent
+    are handed back, and what could not be written then is added to `owed`.
     """
     counts = {"sent": 0, "retried": 0, "failed": 0}
     rows = outbox.claim_due(runtime, limit, node=node)
-    for i, row in enumerate(rows):
-        if stop is not None and stop.is_set():
-            with runtime.db.atomic():
-                outbox.release(runtime, rows[i:])
-            break
-        counts[_deliver(runtime, mailer, row, out)] += 1
-    if rows:
-        log.info("outbox: %d sent, %d retried, %d failed",
-                 counts["sent"], counts["retried"], counts["failed"])
+    if not rows:
+        return counts
+    with leases.kept(runtime, OutboundMessage, [r.id for r in rows], node, "sending"):
+        for i, row in enumerate(rows):
+            if stop is not None and stop.is_set():
+                _hand_back(runtime, rows[i:], owed)
+                break
+            try:
+                counts[_deliver(runtime, mailer, row, out)] += 1
+            except SentUnrecorded as exc:
+                counts["sent"] += 1
+                if owed is not None:
+                    owed.append(functools.partial(_record_sent, runtime, row))
+                _hand_back(runtime, rows[i + 1:], owed)
+                raise exc.__cause__ from None
+            except UNAVAILABLE:
+                _hand_back(runtime, rows[i:], owed)
+                raise
+    log.info("outbox: %d sent, %d retried, %d failed",
+             counts["sent"], counts["retried"], counts["failed"])
     return counts
+
+
+def settle_owed(owed: Owed) -> None:
+    """Do the writes owed from an outage; raises a database error if it is not over."""
+    while owed:
+        try:
+            owed[0]()
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:  # not an outage: retrying would not help
+            log.error("outbox: a write owed since an outage failed (%s)", type(exc).__name__)
+        owed.pop(0)
+
+
+def _hand_back(runtime: Runtime, rows: list[OutboundMessage], owed: Owed | None) -> None:
+    if not rows:
+        return
+    try:
+        _release(runtime, rows)
+    except UNAVAILABLE:
+        if owed is None:
+            raise
+        owed.append(functools.partial(_release, runtime, rows))
+
+
+def _release(runtime: Runtime, rows: list[OutboundMessage]) -> None:
+    with runtime.db.atomic():
+        outbox.release(runtime, rows)
+
+
+def _record_sent(runtime: Runtime, row: OutboundMessage) -> None:
+    with runtime.db.atomic():
+        outbox.mark_sent(runtime, row)
+        if row.kind == "link" and row.grant_id is not None:
+            Grant.update(delivery="sent").where(Grant.id == row.grant_id).execute()
 
 
 def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
@@ -59,24 +120,38 @@ def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
         raw = outbox.open_message(runtime, row)
     except (InvalidTag, ValueError):
         return _give_up(runtime, row, "sealed message cannot be opened (wrong master key?)")
+    # Recorded the moment the relay says 250, before the connection is closed; from then on
+    # nothing that goes wrong makes it a retry (that would send it twice).
+    progress = {"accepted": False, "recorded": False}
+
+    def accepted() -> None:
+        progress["accepted"] = True
+        _record_sent(runtime, row)
+        progress["recorded"] = True
+
     try:
-        mailer.send(row.envelope_from, row.to_addr, raw, carries_phi=outbox.carries_phi(row.kind))
-    except PermanentFailure as exc:
-        return _give_up(runtime, row, exc.reason)
-    except HeldBack as exc:
-        log.warning("outbox #%d (%s) held: %s", row.id, row.kind, exc.reason)
-        with runtime.db.atomic():
-            outbox.hold(runtime, row, exc.reason)
-        return "retried"
-    except TransientFailure as exc:
-        return _retry(runtime, row, exc.reason)
-    except Exception as exc:  # a bug in a transport must not stop the queue
-        log.error("outbox #%d: unexpected %s while sending", row.id, type(exc).__name__)
-        return _retry(runtime, row, f"unexpected error ({type(exc).__name__})")
-    with runtime.db.atomic():
-        outbox.mark_sent(runtime, row)
-        if row.kind == "link" and row.grant_id is not None:
-            Grant.update(delivery="sent").where(Grant.id == row.grant_id).execute()
+        mailer.send(row.envelope_from, row.to_addr, raw, on_accepted=accepted,
+                    carries_phi=outbox.carries_phi(row.kind))
+        if not progress["accepted"]:  # a transport that does not report acceptance
+            accepted()
+    except Exception as exc:
+        if progress["accepted"] and not progress["recorded"]:
+            raise SentUnrecorded() from (exc.__cause__ if isinstance(exc, DeliveryError)
+                                         else exc)
+        if not progress["accepted"]:
+            if isinstance(exc, PermanentFailure):
+                return _give_up(runtime, row, exc.reason)
+            if isinstance(exc, HeldBack):
+                log.warning("outbox #%d (%s) held: %s", row.id, row.kind, exc.reason)
+                with runtime.db.atomic():
+                    outbox.hold(runtime, row, exc.reason)
+                return "retried"
+            if isinstance(exc, TransientFailure):
+                return _retry(runtime, row, exc.reason)
+            # a bug in a transport must not stop the queue
+            log.error("outbox #%d: unexpected %s while sending", row.id, type(exc).__name__)
+            return _retry(runtime, row, f"unexpected error ({type(exc).__name__})")
+        # The relay has it and it is recorded: a failing QUIT changes nothing.
     if row.kind in ("link", "code", "reset") and isinstance(mailer, MaildirMailer):
         # Local demo only: what a person needs from the e-mail (link or code), printed.
         for url in mailer.find_links(raw):
@@ -126,6 +201,8 @@ class Dispatcher:
         self.mailer = mailer
         self.poll_seconds = poll_seconds
         self.out = out
+        self.outage = Outage(log, "outbox")
+        self._owed: Owed = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -134,10 +211,14 @@ class Dispatcher:
                                         daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Finish the current send, hand the rest back; True if the thread has ended."""
+    def signal_stop(self) -> None:
+        """Send nothing more after the e-mail in hand; the rest of the batch goes back."""
         self._stop.set()
         self.runtime.wake_dispatcher.set()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Finish the current send, hand the rest back; True if the thread has ended."""
+        self.signal_stop()
         if self._thread is None:
             return True
         self._thread.join(timeout)
@@ -158,12 +239,14 @@ class Dispatcher:
     def _round(self) -> bool:
         """One dispatch; True if the batch was full, so more may be waiting."""
         try:
+            settle_owed(self._owed)
             counts = dispatch_due(self.runtime, self.mailer, stop=self._stop, out=self.out,
-                                  node=self.node)
+                                  node=self.node, owed=self._owed)
         except UNAVAILABLE as exc:
-            log.warning("outbox: database unavailable (%s); will retry", type(exc).__name__)
+            self.outage.failed(cause_of(exc))
             return False
         except Exception as exc:
             log.error("outbox: dispatch round failed (%s)", type(exc).__name__)
             return False
+        self.outage.ended()
         return sum(counts.values()) >= BATCH

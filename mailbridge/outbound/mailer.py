@@ -11,6 +11,7 @@ import mailbox
 import re
 import smtplib
 import ssl
+from collections.abc import Callable
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -18,6 +19,10 @@ from pathlib import Path
 from mailbridge.config import ConfigError, RelaySettings, Settings, read_relay_password
 
 MAX_REASON_CHARS = 300
+
+# Called the moment the relay (or the Maildir) has the message, before the connection is
+# closed: the caller records it as sent then, keeping the window for a duplicate small.
+Accepted = Callable[[], None] | None
 
 
 class DeliveryError(Exception):
@@ -80,8 +85,8 @@ class SmtpMailer:
         self.helo_name = helo_name
         self.tls_context = relay_tls_context(relay)
 
-    def send(self, envelope_from: str, to_addr: str, raw: bytes, *,
-             carries_phi: bool = True) -> None:
+    def send(self, envelope_from: str, to_addr: str, raw: bytes,
+             on_accepted: Accepted = None, *, carries_phi: bool = True) -> None:
         relay = self.relay
         if carries_phi and phi_in_clear_refused(relay):
             raise HeldBack(f"held: [outbound.smtp] tls = \"none\" and the relay {relay.host} "
@@ -104,6 +109,8 @@ class SmtpMailer:
                     raise PermanentFailure("the relay cannot send to international "
                                            "(SMTPUTF8) addresses")
                 smtp.sendmail(envelope_from, [to_addr], raw, mail_options=options)
+                if on_accepted is not None:  # before QUIT: a crash there must not resend
+                    on_accepted()
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
             raise _by_code(code, text, "recipient refused") from None
@@ -139,8 +146,8 @@ class MaildirMailer:
         self.path = Path(path)
         self._link = re.compile(re.escape(base_url.rstrip("/")) + r"/(?:s|reset)/[A-Za-z0-9_\-]+")
 
-    def send(self, envelope_from: str, to_addr: str, raw: bytes, *,
-             carries_phi: bool = True) -> None:
+    def send(self, envelope_from: str, to_addr: str, raw: bytes,
+             on_accepted: Accepted = None, *, carries_phi: bool = True) -> None:
         # What a delivering MTA adds, so a reader of the Maildir sees the envelope.
         trace = f"Return-Path: <{envelope_from}>\nDelivered-To: {to_addr}\n".encode()
         try:
@@ -148,6 +155,8 @@ class MaildirMailer:
         except OSError as exc:
             raise TransientFailure(f"cannot write to the maildir ({type(exc).__name__})") \
                 from None
+        if on_accepted is not None:
+            on_accepted()
 
     @staticmethod
     def subject(raw: bytes) -> str:

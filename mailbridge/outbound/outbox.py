@@ -14,7 +14,6 @@ from mailbridge.models import Grant, OutboundMessage, Share
 from mailbridge.runtime import Runtime, derive_key
 from mailbridge.storage import seal, unseal
 
-LEASE_SECONDS = 300.0
 MAX_ERROR_CHARS = 500
 
 # Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
@@ -75,15 +74,16 @@ def notify(runtime: Runtime) -> None:
     runtime.wake_dispatcher.set()
 
 
-def claim_due(runtime: Runtime, limit: int = 20, lease_seconds: float = LEASE_SECONDS,
-              node: str = "") -> list[OutboundMessage]:
-    """Take up to `limit` rows that are due (or whose sender crashed mid-send) and lease them.
+def claim_due(runtime: Runtime, limit: int = 20, node: str = "") -> list[OutboundMessage]:
+    """Take up to `limit` rows that are due (or whose sender crashed mid-send) and lease them
+    for `[worker] lease_seconds` (the sender renews the lease while it holds them).
 
     Each row is taken with a conditional UPDATE, so two dispatchers (two nodes) never get
     the same row. Claiming counts as an attempt: a message that crashes the dispatcher
     still runs out of attempts.
     """
     now = runtime.clock()
+    lease_seconds = runtime.settings.worker.lease_seconds
     candidates = list(OutboundMessage.select(OutboundMessage.id)
                       .where(_claimable(now)).order_by(OutboundMessage.next_attempt_at)
                       .limit(limit))
@@ -143,12 +143,14 @@ def mark_failed(runtime: Runtime, row: OutboundMessage, error: str) -> None:
 
 
 def release(runtime: Runtime, rows: Iterable[OutboundMessage]) -> None:
-    """Hand claimed but unsent rows back (the dispatcher is stopping); the claim is undone."""
+    """Hand claimed but unsent rows back (the dispatcher is stopping); the claim is undone —
+    unless another node has taken a row over since."""
     for row in rows:
         (OutboundMessage
          .update(state="queued", lease_until=None, claimed_by="",
                  attempts=OutboundMessage.attempts - 1)
-         .where(OutboundMessage.id == row.id, OutboundMessage.state == "sending")
+         .where(OutboundMessage.id == row.id, OutboundMessage.state == "sending",
+                OutboundMessage.claimed_by == row.claimed_by)
          .execute())
 
 

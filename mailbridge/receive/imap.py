@@ -246,8 +246,6 @@ class ImapPoller:
                 client, folders = open_session(self.runtime.settings)
                 self._serve(client, folders)
             except Exception as exc:
-                if isinstance(exc, db.UNAVAILABLE):
-                    db.reset_connection(self.runtime.db)
                 if self._stop.is_set():
                     break
                 if self.ready.is_set():

@@ -98,7 +98,6 @@ class IntakeHandler:
             return limits.over_budget(self.runtime, client_ip=ip, sender=sender,
                                       ip_exempt=exempt, incoming_bytes=size)
         except db.UNAVAILABLE:
-            db.reset_connection(self.runtime.db)
             return False
 
     async def early_refusal(self, envelope, header: bytes) -> str | None:
@@ -108,18 +107,11 @@ class IntakeHandler:
             return envelope.refusal
         loop = asyncio.get_running_loop()
         try:
-            member = await loop.run_in_executor(self.executor, self._early_sender_check,
+            member = await loop.run_in_executor(self.executor, self._sender_allowed,
                                                 list(envelope.rcpt_tos), header)
         except Exception:  # noqa: BLE001 - no early decision; the full check follows
             return None
         return None if member else NOT_A_MEMBER
-
-    def _early_sender_check(self, rcpt_tos: list[str], header: bytes) -> bool:
-        try:
-            return self._sender_allowed(rcpt_tos, header)
-        except db.UNAVAILABLE:
-            db.reset_connection(self.runtime.db)
-            raise
 
     def _sender_allowed(self, rcpt_tos: list[str], header: bytes) -> bool:
         settings = self.runtime.settings
@@ -168,7 +160,6 @@ class IntakeHandler:
             return DISK_FULL
         except (*db.UNAVAILABLE, StorageError) as exc:
             log.error("smtp: could not spool (%s); answered 451", type(exc).__name__)
-            db.reset_connection(self.runtime.db)
             return DATABASE_UNAVAILABLE
         except Exception:
             log.exception("smtp: unexpected error while spooling; answered 451")
