@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from zoneinfo import ZoneInfo
 
 Clock = Callable[[], dt.datetime]  # returns naive UTC, the form stored in the database
 
 
 def system_clock() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def local_text(at: dt.datetime, timezone: str) -> str:
+    """A stored (naive UTC) time as people read it in `timezone`: "Sat 28 Nov 2026, 09:00 EST"."""
+    local = at.replace(tzinfo=dt.UTC).astimezone(ZoneInfo(timezone))
+    return local.strftime("%a %d %b %Y, %H:%M %Z")
 
 
 class ManualClock:

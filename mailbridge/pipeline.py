@@ -9,35 +9,35 @@ created, in one transaction.
 
 from __future__ import annotations
 
-from mailbridge import members, parse, replay, screen, senders
-from mailbridge.actions import bounces, commands, share
-from mailbridge.models import InboundMessage
+from mailbridge.mail import identity, mime, request, screen, senders
+from mailbridge.mail.route import Route, route_message
 from mailbridge.outcomes import Ignore, Outcome, Reject, TempFail
-from mailbridge.respond import ignore, record_forgery, reject, repeat
-from mailbridge.route import Route, route_message
 from mailbridge.runtime import Runtime
+from mailbridge.shares import bounce, create, members, reply
+from mailbridge.shares.conclude import ignore, record_forgery, reject, repeat
+from mailbridge.store import seen
+from mailbridge.store.models import InboundMessage
 
 
 def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     settings = runtime.settings
-    message = parse.read_message(raw)
+    message = mime.read_message(raw)
 
     # 1. Route: which of our addresses was this for?
     route = route_message(row.envelope_to, settings)
     if route is Route.BOUNCE:
         # A delivery report to a VERP address is exactly what screening drops (null sender,
         # multipart/report): it is read here, before screening, and never answered.
-        return bounces.handle_bounce(runtime, row, raw, message)
+        return bounce.handle_bounce(runtime, row, raw, message)
     if route is None:
         return ignore(runtime, row, Ignore("not addressed to a mailbridge address"))
-    # Mail to the sharing address that answers a receipt or notice of ours is a reply.
-    if route is Route.SHARE and commands.answers_us(message, settings):
-        route = Route.REPLY
+    # A reply answers a receipt or notice of ours, whichever of our addresses it went to.
+    thread = reply.thread_of(route, row.envelope_to, message, settings)
 
     # 2. Screen: auto-replies, bounces, lists and our own mail never act and never get a reply.
     # IMAP intake has no SMTP envelope (its rows store ""): screening then reads Return-Path.
     envelope_from = None if row.channel == "imap" else row.envelope_from
-    screened = screen.screen(message, envelope_from, row.envelope_to, settings)
+    screened = screen.screen(message, envelope_from, settings)
     if screened:
         return ignore(runtime, row, screened)
 
@@ -59,18 +59,18 @@ def process(runtime: Runtime, row: InboundMessage, raw: bytes) -> Outcome:
     # 4. Once only: a message acted on before (an SMTP retry, or a replay of a signed message
     # with its whitespace changed) does nothing and gets no answer. The keys are written with
     # the action below, under a unique index.
-    keys = replay.message_keys(raw, message)
-    if replay.seen(member, keys):
+    keys = identity.message_keys(raw, message)
+    if seen.seen(member, keys):
         return repeat(runtime, row, member)
 
     # 5a. A reply: sender checks, the command and its answer, in one transaction.
-    if route is Route.REPLY:
-        return commands.handle_reply(runtime, row, message, member, keys)
+    if thread is not None:
+        return reply.handle_reply(runtime, row, message, member, keys, thread)
 
     # 5b. Read what the member asked for: recipients, title, note, documents.
-    request = parse.parse_share(message, row.envelope_to, settings)
-    if isinstance(request, Reject):
-        return reject(runtime, row, request, member, message, keys)
+    wanted = request.parse_share(message, row.envelope_to, settings)
+    if isinstance(wanted, Reject):
+        return reject(runtime, row, wanted, member, message, keys)
 
     # 6. Act: one share, its documents, grants, audit events and e-mails — all or nothing.
-    return share.create_share(runtime, row, raw, member, message, request, keys)
+    return create.create_share(runtime, row, raw, member, message, wanted, keys)

@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mailbridge.clock import Clock, system_clock
-from mailbridge.config import Settings, read_master_key
-from mailbridge.db import open_database
-from mailbridge.storage import BlobStore, LocalBlobStore
+from mailbridge.config import read_master_key
+from mailbridge.settings import Settings
+from mailbridge.store.blobs import BlobStore, LocalBlobStore
+from mailbridge.store.db import open_database
 
 
 def derive_key(master_key: bytes, purpose: str) -> bytes:

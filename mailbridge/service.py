@@ -14,17 +14,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 from waitress.server import create_server
 
-from mailbridge import jobs, schema, spool
 from mailbridge.config import ConfigError
 from mailbridge.outbound import outbox
 from mailbridge.outbound.dispatcher import Dispatcher
 from mailbridge.outbound.mailer import make_mailer
+from mailbridge.receive import spool
 from mailbridge.receive.imap import ImapPoller
 from mailbridge.receive.smtp import make_controller, make_implicit_tls_controller
 from mailbridge.receive.tls import ServerCertificate
+from mailbridge.receive.worker import Worker, node_name
 from mailbridge.runtime import Runtime
+from mailbridge.schedule import build_scheduler
+from mailbridge.shares import notify
+from mailbridge.store import schema
 from mailbridge.web import create_app
-from mailbridge.worker import Worker, node_name
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,10 @@ class Service:
                       if self.certificate and smtp.implicit_tls_port else None)
         self.worker = Worker(runtime, self.node)
         self.imap = ImapPoller(runtime) if runtime.settings.imap.enabled else None
-        self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node)
+        self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node,
+                                     on_failure=notify.mail_failed)
         self._jobs_stop = threading.Event()
-        self.scheduler = jobs.build_scheduler(runtime, self._jobs_stop) if scheduler else None
+        self.scheduler = build_scheduler(runtime, self._jobs_stop) if scheduler else None
         self.web = None
         if web:
             settings = runtime.settings.web

@@ -11,10 +11,11 @@ from pathlib import Path
 import peewee
 import pytest
 
-from mailbridge import schema
 from mailbridge.clock import system_clock
-from mailbridge.config import Settings, load_settings, read_master_key
+from mailbridge.config import load_settings, read_master_key
 from mailbridge.runtime import build_runtime
+from mailbridge.settings import Settings
+from mailbridge.store import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -165,7 +166,7 @@ class RunningService:
         """Wait until the spool and the outbox have nothing left to do."""
         import time
 
-        from mailbridge.models import InboundMessage, OutboundMessage
+        from mailbridge.store.models import InboundMessage, OutboundMessage
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

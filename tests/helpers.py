@@ -6,7 +6,7 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 from mailbridge.clock import system_clock
-from mailbridge.members import add_member
+from mailbridge.shares.members import add_member
 
 MEMBER = "jane.doe@clinic.example"
 

@@ -8,12 +8,12 @@ import datetime as dt
 import re
 import secrets
 
-from mailbridge import phi, tokens
 from mailbridge.clock import ManualClock
-from mailbridge.models import Account, Document, Grant, Share, WebSession
-from mailbridge.passwords import hash_password
-from mailbridge.storage import put_bytes
+from mailbridge.store import sealed, tokens
+from mailbridge.store.blobs import put_bytes
+from mailbridge.store.models import Account, Document, Grant, Share, WebSession
 from mailbridge.web import create_app
+from mailbridge.web.passwords import hash_password
 from tests.helpers import add_jane, pdf_bytes
 
 PASSWORD = "correct horse battery"
@@ -42,13 +42,13 @@ def make_share(runtime, recipients=("dr.smith@ortho.example",), documents=None,
     share = Share.create(clinic=member.clinic, sender=member, created_at=now,
                          dedupe_key=tokens.new_link_token(),
                          reply_key_hash=tokens.new_link_token())
-    phi.seal_share(runtime, share, title, note_html)
+    sealed.seal_share(runtime.phi_key, share, title, note_html)
     for position, (name, kind, content_type, data) in enumerate(documents):
         blob = put_bytes(runtime.documents, data)
         document = Document.create(share=share, position=position, kind=kind,
                                    content_type=content_type, size=blob.size, sha256=blob.sha256,
                                    blob_id=blob.blob_id, blob_key=blob.wrapped_key)
-        phi.seal_document_name(runtime, document, name)
+        sealed.seal_document_name(runtime.phi_key, document, name)
     links = {}
     for address in recipients:
         token = tokens.new_link_token()

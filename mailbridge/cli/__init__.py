@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from mailbridge import __version__
 from mailbridge.cli import imap, jobs, members, serve, setup, shares, spool
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.config import ConfigError
@@ -18,6 +19,7 @@ PRIVATE_UMASK = 0o077
 
 
 @click.group()
+@click.version_option(version=__version__, prog_name="mailbridge")
 @click.option("--config", "config_path", envvar="MAILBRIDGE_CONFIG", default=DEFAULT_CONFIG,
               show_default=True, help="Path to config.toml (or set MAILBRIDGE_CONFIG).")
 @click.pass_context

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from mailbridge import schema
-from mailbridge.config import ConfigError, Settings, load_settings
+from mailbridge.config import ConfigError, load_settings
 from mailbridge.runtime import Runtime, build_runtime
+from mailbridge.settings import Settings
+from mailbridge.store import schema
 
 
 class Context:

@@ -16,7 +16,7 @@ def jobs_group() -> None:
 @jobs_group.command("list")
 def jobs_list() -> None:
     """The jobs and how often `serve` runs them."""
-    from mailbridge.jobs import JOBS
+    from mailbridge.schedule import JOBS
 
     for name, (function, seconds) in JOBS.items():
         summary = " ".join((function.__doc__ or "").split()).split(". ")[0]
@@ -28,7 +28,7 @@ def jobs_list() -> None:
 @pass_ctx
 def jobs_run(ctx: Context, name: str) -> None:
     """Run one job once and print how many things it did. Safe on several nodes at once."""
-    from mailbridge.jobs import JOBS
+    from mailbridge.schedule import JOBS
 
     if name not in JOBS:
         raise click.BadParameter(f"no job {name!r}; one of: {', '.join(JOBS)}",

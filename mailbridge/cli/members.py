@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from mailbridge import members as member_ops
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.clock import system_clock
-from mailbridge.models import Member
+from mailbridge.shares import members as member_ops
+from mailbridge.store.models import Member
 
 
 @click.group()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from mailbridge import schema
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.clock import system_clock
-from mailbridge.storage import create_master_key_file
+from mailbridge.store import schema
+from mailbridge.store.blobs import create_master_key_file
 
 
 @click.command()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from mailbridge import lifecycle, phi
 from mailbridge.cli.context import Context, pass_ctx
-from mailbridge.models import Document, Grant, Share
+from mailbridge.shares import lifecycle
+from mailbridge.store import sealed
+from mailbridge.store.models import Document, Grant, Share
 
 
 @click.group()
@@ -38,10 +39,10 @@ def shares_show(ctx: Context, share_id: int) -> None:
         raise click.BadParameter(f"no share #{share_id}", param_hint="ID")
     click.echo(f"share #{share.id} created {share.created_at:%Y-%m-%d %H:%M}Z by "
                f"{share.sender.name} <{share.sender.email}> ({share.clinic.name})")
-    click.echo(f"title: {phi.share_title(runtime, share)}")
+    click.echo(f"title: {sealed.share_title(runtime.phi_key, share)}")
     click.echo("documents:")
     for d in share.documents.order_by(Document.position):
-        click.echo(f"  {phi.document_name(runtime, d)}\t{d.kind}\t{d.size} bytes\t"
+        click.echo(f"  {sealed.document_name(runtime.phi_key, d)}\t{d.kind}\t{d.size} bytes\t"
                    f"sha256 {d.sha256[:16]}…")
     click.echo("recipients:")
     for g in share.grants.order_by(Grant.id):
@@ -66,17 +67,21 @@ def _recipient_arg(share: Share, address: str | None) -> str | None:
     return normalised
 
 
+def _for_recipients(ctx: Context, operation, share_id: int, recipient: str | None) -> None:
+    """Run a lifecycle operation for all recipients of a share, or one, as the actor `cli`."""
+    runtime = ctx.ready_runtime()
+    share = _share_arg(share_id)
+    result = operation(runtime, share, address=_recipient_arg(share, recipient), actor="cli")
+    click.echo(result.text())
+
+
 @shares.command("revoke")
 @click.argument("share_id", type=int, metavar="ID")
 @click.option("--recipient", metavar="ADDR", help="Only this recipient (default: all).")
 @pass_ctx
 def shares_revoke(ctx: Context, share_id: int, recipient: str | None) -> None:
     """Withdraw access now; the portal refuses the recipients' next request."""
-    runtime = ctx.ready_runtime()
-    share = _share_arg(share_id)
-    result = lifecycle.revoke(runtime, share, address=_recipient_arg(share, recipient),
-                              actor="cli")
-    click.echo(result.text())
+    _for_recipients(ctx, lifecycle.revoke, share_id, recipient)
 
 
 @shares.command("resend")
@@ -86,11 +91,7 @@ def shares_revoke(ctx: Context, share_id: int, recipient: str | None) -> None:
 @pass_ctx
 def shares_resend(ctx: Context, share_id: int, recipient: str | None) -> None:
     """New links (new token, new deadline) for recipients who have not claimed."""
-    runtime = ctx.ready_runtime()
-    share = _share_arg(share_id)
-    result = lifecycle.resend(runtime, share, address=_recipient_arg(share, recipient),
-                              actor="cli")
-    click.echo(result.text())
+    _for_recipients(ctx, lifecycle.resend, share_id, recipient)
 
 
 @shares.command("extend")

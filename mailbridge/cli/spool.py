@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
-from mailbridge import phi, spool
 from mailbridge.cli.context import Context, pass_ctx
-from mailbridge.models import InboundMessage
+from mailbridge.receive import spool
+from mailbridge.store import sealed
+from mailbridge.store.models import InboundMessage
+from mailbridge.store.states import Inbound
 
 
 @click.group("spool")
@@ -15,8 +17,7 @@ def spool_group() -> None:
 
 
 @spool_group.command("list")
-@click.option("--state", type=click.Choice(["queued", "processing", "done", "ignored",
-                                            "rejected", "failed", "all"]), default="all",
+@click.option("--state", type=click.Choice([s.value for s in Inbound] + ["all"]), default="all",
               show_default=True)
 @click.option("--limit", default=50, show_default=True)
 @pass_ctx
@@ -28,7 +29,7 @@ def spool_list(ctx: Context, state: str, limit: int) -> None:
         query = query.where(InboundMessage.state == state)
     for row in query:
         reason = row.reason.splitlines()[-1] if row.reason else ""
-        if row.state == "queued" and reason.startswith("waiting: "):
+        if row.state == Inbound.QUEUED and reason.startswith("waiting: "):
             # The service's trouble (database, storage), not the message's: say when it is
             # tried next, so an operator sees nothing is stuck.
             reason += f" (next try {row.next_attempt_at:%H:%M:%S}Z)"
@@ -72,7 +73,7 @@ def spool_show(ctx: Context, message_id: int) -> None:
     click.echo(f"state: {row.state} ({row.outcome or 'pending'}), attempts {row.attempts}")
     if row.reason:
         click.echo(f"reason: {row.reason}")
-    error = phi.inbound_error(runtime, row)
+    error = sealed.inbound_error(runtime.phi_key, row)
     if error:
         click.echo("error:")
         click.echo(error.rstrip("\n"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import importlib.resources
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -13,22 +14,24 @@ from pathlib import Path
 
 import jinja2
 
-import mailbridge
 from mailbridge.clock import system_clock
-from mailbridge.config import Settings
+from mailbridge.outcomes import Notice
+from mailbridge.settings import Settings
 
-EMAIL_TEMPLATES = Path(mailbridge.__file__).resolve().parent.parent / "templates" / "email"
+# Shipped inside the package (templates/ at the top of the repository is mailbridge.templates).
+EMAIL_TEMPLATES = importlib.resources.files("mailbridge.templates") / "email"
 SERVICE_NAME = "mailbridge"
 
-NOTICE_CODES = frozenset({
-    "no_recipients", "bad_recipient", "own_address", "too_many_recipients", "no_attachments",
-    "disallowed_type", "too_large", "too_large_total", "too_many_parts", "too_deep", "tnef",
-    "unreadable_attachment", "link_undeliverable", "reply_not_allowed", "reply_unknown",
-})
+NOTICE_CODES = frozenset(Notice)
 
 # Answers to a member's reply command, by command name.
 COMMAND_TEMPLATES = {"revoke": "command_revoke.txt", "resend": "command_resend.txt",
                      "extend": "command_extend.txt", "status": "status.txt", "help": "help.txt"}
+
+
+def link_url(base_url: str, token: str) -> str:
+    """The portal link a recipient gets for a grant's token."""
+    return f"{base_url.rstrip('/')}/s/{token}"
 
 
 def link_email(settings: Settings, *, to: str, link_url: str, clinic_name: str,
@@ -167,9 +170,12 @@ def megabytes(n: int) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _environment(directory: Path) -> jinja2.Environment:
+def _environment(directory: Path | None) -> jinja2.Environment:
+    """The shipped templates, or those in `directory` (another set, e.g. a rebranding)."""
+    loader = (jinja2.FileSystemLoader(directory) if directory is not None
+              else jinja2.PackageLoader("mailbridge.templates", "email"))
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(directory),
+        loader=loader,
         autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
         # A missing value is a bug in the caller, not something to render as blank.
         undefined=jinja2.StrictUndefined,
@@ -180,7 +186,7 @@ def _environment(directory: Path) -> jinja2.Environment:
 
 
 def _render(settings: Settings, templates: Path | None, name: str, values: dict) -> str:
-    env = _environment(Path(templates or EMAIL_TEMPLATES))
+    env = _environment(Path(templates) if templates is not None else None)
     return env.get_template(name).render(
         service_name=SERVICE_NAME, sharing_address=settings.addresses.sharing,
         sharing_local=settings.sharing_local, sharing_domain=settings.sharing_domain,

@@ -10,10 +10,6 @@ from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 
-from mailbridge import leases, notifications
-from mailbridge.db import UNAVAILABLE
-from mailbridge.models import Grant, OutboundMessage
-from mailbridge.outages import Outage, cause_of
 from mailbridge.outbound import outbox
 from mailbridge.outbound.mailer import (
     DeliveryError,
@@ -24,6 +20,11 @@ from mailbridge.outbound.mailer import (
     TransientFailure,
 )
 from mailbridge.runtime import Runtime
+from mailbridge.store import queue
+from mailbridge.store.db import UNAVAILABLE
+from mailbridge.store.models import Grant, OutboundMessage
+from mailbridge.store.outages import Outage, cause_of
+from mailbridge.store.states import Delivery, Outbound
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ class SentUnrecorded(Exception):
     """The relay has the message but the database could not record it (an outage)."""
 
 
+# What to do when the outbox gives up on an e-mail, in the transaction that marks it failed
+# (a link e-mail: mark the grant, tell the sender; see shares.notify.mail_failed). True if
+# that queued mail of its own.
+OnFailure = Callable[[Runtime, OutboundMessage, str], bool]
+
 # Database writes a dispatcher still owes (record a sent row, hand back claimed rows), done
 # as soon as the database answers again instead of waiting for the lease to run out.
 Owed = list[Callable[[], object]]
@@ -43,7 +49,8 @@ Owed = list[Callable[[], object]]
 def dispatch_due(runtime: Runtime, mailer: Mailer, *, limit: int = BATCH,
                  stop: threading.Event | None = None,
                  out: Callable[[str], None] = print, node: str = "",
-                 owed: Owed | None = None) -> dict[str, int]:
+                 owed: Owed | None = None,
+                 on_failure: OnFailure | None = None) -> dict[str, int]:
     """Send the rows that are due; returns how many were sent, retried and failed.
 
     `out` shows a local operator the links written by the Maildir transport. When `stop` is
@@ -55,13 +62,14 @@ def dispatch_due(runtime: Runtime, mailer: Mailer, *, limit: int = BATCH,
     rows = outbox.claim_due(runtime, limit, node=node)
     if not rows:
         return counts
-    with leases.kept(runtime, OutboundMessage, [r.id for r in rows], node, "sending"):
+    with queue.kept(runtime.db, runtime.clock, runtime.settings.worker.lease_seconds,
+                    outbox.QUEUE, [r.id for r in rows], node):
         for i, row in enumerate(rows):
             if stop is not None and stop.is_set():
                 _hand_back(runtime, rows[i:], owed)
                 break
             try:
-                counts[_deliver(runtime, mailer, row, out)] += 1
+                counts[_deliver(runtime, mailer, row, out, on_failure)] += 1
             except SentUnrecorded as exc:
                 counts["sent"] += 1
                 if owed is not None:
@@ -108,18 +116,20 @@ def _record_sent(runtime: Runtime, row: OutboundMessage) -> None:
     with runtime.db.atomic():
         outbox.mark_sent(runtime, row)
         if row.kind == "link" and row.grant_id is not None:
-            Grant.update(delivery="sent").where(Grant.id == row.grant_id).execute()
+            Grant.update(delivery=Delivery.SENT).where(Grant.id == row.grant_id).execute()
 
 
 def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
-             out: Callable[[str], None]) -> str:
+             out: Callable[[str], None], on_failure: OnFailure | None) -> str:
     if row.attempts > runtime.settings.outbound.max_attempts:
         # Only a row whose earlier sender died mid-send gets here.
-        return _give_up(runtime, row, "attempts used up (the dispatcher stopped mid-send)")
+        return _give_up(runtime, row, on_failure,
+                        "attempts used up (the dispatcher stopped mid-send)")
     try:
         raw = outbox.open_message(runtime, row)
     except (InvalidTag, ValueError):
-        return _give_up(runtime, row, "sealed message cannot be opened (wrong master key?)")
+        return _give_up(runtime, row, on_failure,
+                        "sealed message cannot be opened (wrong master key?)")
     # Recorded the moment the relay says 250, before the connection is closed; from then on
     # nothing that goes wrong makes it a retry (that would send it twice).
     progress = {"accepted": False, "recorded": False}
@@ -140,17 +150,17 @@ def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
                                          else exc)
         if not progress["accepted"]:
             if isinstance(exc, PermanentFailure):
-                return _give_up(runtime, row, exc.reason)
+                return _give_up(runtime, row, on_failure, exc.reason)
             if isinstance(exc, HeldBack):
                 log.warning("outbox #%d (%s) held: %s", row.id, row.kind, exc.reason)
                 with runtime.db.atomic():
                     outbox.hold(runtime, row, exc.reason)
                 return "retried"
             if isinstance(exc, TransientFailure):
-                return _retry(runtime, row, exc.reason)
+                return _retry(runtime, row, on_failure, exc.reason)
             # a bug in a transport must not stop the queue
             log.error("outbox #%d: unexpected %s while sending", row.id, type(exc).__name__)
-            return _retry(runtime, row, f"unexpected error ({type(exc).__name__})")
+            return _retry(runtime, row, on_failure, f"unexpected error ({type(exc).__name__})")
         # The relay has it and it is recorded: a failing QUIT changes nothing.
     if row.kind in ("link", "code", "reset") and isinstance(mailer, MaildirMailer):
         # Local demo only: what a person needs from the e-mail (link or code), printed.
@@ -161,33 +171,25 @@ def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
     return "sent"
 
 
-def _retry(runtime: Runtime, row: OutboundMessage, reason: str) -> str:
+def _retry(runtime: Runtime, row: OutboundMessage, on_failure: OnFailure | None,
+           reason: str) -> str:
     with runtime.db.atomic():
-        if outbox.mark_retry(runtime, row, reason) == "queued":
+        if outbox.mark_retry(runtime, row, reason) == Outbound.QUEUED:
             return "retried"
-        noticed = _link_undeliverable(runtime, row, reason)
+        noticed = on_failure is not None and on_failure(runtime, row, reason)
     if noticed:
         outbox.notify(runtime)
     return "failed"
 
 
-def _give_up(runtime: Runtime, row: OutboundMessage, reason: str) -> str:
+def _give_up(runtime: Runtime, row: OutboundMessage, on_failure: OnFailure | None,
+             reason: str) -> str:
     with runtime.db.atomic():
         outbox.mark_failed(runtime, row, reason)
-        noticed = _link_undeliverable(runtime, row, reason)
+        noticed = on_failure is not None and on_failure(runtime, row, reason)
     if noticed:
         outbox.notify(runtime)
     return "failed"
-
-
-def _link_undeliverable(runtime: Runtime, row: OutboundMessage, reason: str) -> bool:
-    """For a failed link e-mail: mark the grant and tell the sender, once per grant
-    (notifications.link_failed). Runs in the caller's transaction."""
-    if row.kind != "link" or row.grant_id is None:
-        return False
-    return notifications.link_failed(runtime, row.grant_id, event="link_undeliverable",
-                                     reason=reason,
-                                     detail={"outbound_id": row.id, "attempts": row.attempts})
 
 
 class Dispatcher:
@@ -195,8 +197,10 @@ class Dispatcher:
     every `poll_seconds` (for retries coming due)."""
 
     def __init__(self, runtime: Runtime, mailer: Mailer, *, poll_seconds: float = 2.0,
-                 out: Callable[[str], None] = print, node: str = "") -> None:
+                 out: Callable[[str], None] = print, node: str = "",
+                 on_failure: OnFailure | None = None) -> None:
         self.runtime = runtime
+        self.on_failure = on_failure
         self.node = node
         self.mailer = mailer
         self.poll_seconds = poll_seconds
@@ -241,7 +245,7 @@ class Dispatcher:
         try:
             settle_owed(self._owed)
             counts = dispatch_due(self.runtime, self.mailer, stop=self._stop, out=self.out,
-                                  node=self.node, owed=self._owed)
+                                  node=self.node, owed=self._owed, on_failure=self.on_failure)
         except UNAVAILABLE as exc:
             self.outage.failed(cause_of(exc))
             return False

@@ -16,7 +16,8 @@ from email import policy
 from email.parser import BytesParser
 from pathlib import Path
 
-from mailbridge.config import ConfigError, RelaySettings, Settings, read_relay_password
+from mailbridge.config import ConfigError, read_relay_password
+from mailbridge.settings import RelaySettings, Settings
 
 MAX_REASON_CHARS = 300
 

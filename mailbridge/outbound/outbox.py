@@ -10,17 +10,15 @@ import re
 from collections.abc import Iterable
 from email.message import EmailMessage
 
-from mailbridge.models import Grant, OutboundMessage, Share
 from mailbridge.runtime import Runtime, derive_key
-from mailbridge.storage import seal, unseal
+from mailbridge.store import queue
+from mailbridge.store.blobs import seal, unseal
+from mailbridge.store.models import Grant, OutboundMessage, Share
+from mailbridge.store.states import NO_PHI_MAIL, VERP_MAIL, Outbound
 
 MAX_ERROR_CHARS = 500
+QUEUE = queue.Queue(OutboundMessage, waiting=Outbound.QUEUED, working=Outbound.SENDING)
 
-# Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
-VERP_KINDS = ("link", "reminder")
-# What recipients get carries no PHI (no subject, filenames or note); everything else, and any
-# kind added later, is treated as carrying it (receipts, notices, replies, summaries).
-NO_PHI_KINDS = frozenset({"link", "reminder", "code", "reset", "revoked"})
 _VERP_LOCAL = re.compile(r"bounce\+(\d{1,18})\.([0-9a-f]{10})")
 
 
@@ -40,8 +38,8 @@ def enqueue(runtime: Runtime, msg: EmailMessage, *, kind: str, to_addr: str,
         envelope_from=envelope_from or runtime.settings.outbound.from_,
         message_id=str(message_id),
         sealed=seal(runtime.outbox_key, raw, _aad(str(message_id), to_addr)),
-        state="queued", attempts=0, next_attempt_at=now)
-    if kind in VERP_KINDS and envelope_from is None:
+        state=Outbound.QUEUED, attempts=0, next_attempt_at=now)
+    if kind in VERP_MAIL and envelope_from is None:
         # The id exists only after the insert; same transaction, so no one sees it without.
         row.envelope_from = verp_address(runtime, row.id)
         (OutboundMessage.update(envelope_from=row.envelope_from)
@@ -82,22 +80,8 @@ def claim_due(runtime: Runtime, limit: int = 20, node: str = "") -> list[Outboun
     the same row. Claiming counts as an attempt: a message that crashes the dispatcher
     still runs out of attempts.
     """
-    now = runtime.clock()
-    lease_seconds = runtime.settings.worker.lease_seconds
-    candidates = list(OutboundMessage.select(OutboundMessage.id)
-                      .where(_claimable(now)).order_by(OutboundMessage.next_attempt_at)
-                      .limit(limit))
-    claimed = []
-    with runtime.db.atomic():
-        for row in candidates:
-            changed = (OutboundMessage
-                       .update(state="sending", attempts=OutboundMessage.attempts + 1,
-                               claimed_by=node,
-                               lease_until=now + dt.timedelta(seconds=lease_seconds))
-                       .where(OutboundMessage.id == row.id, _claimable(now))
-                       .execute())
-            if changed:
-                claimed.append(row.id)
+    claimed = queue.claim(runtime.db, QUEUE, now=runtime.clock(), node=node, limit=limit,
+                          lease_seconds=runtime.settings.worker.lease_seconds)
     if not claimed:
         return []
     return list(OutboundMessage.select().where(OutboundMessage.id.in_(claimed))
@@ -110,7 +94,7 @@ def open_message(runtime: Runtime, row: OutboundMessage) -> bytes:
 
 
 def mark_sent(runtime: Runtime, row: OutboundMessage) -> None:
-    _set(row, state="sent", sent_at=runtime.clock(), lease_until=None, last_error="")
+    _set(row, state=Outbound.SENT, sent_at=runtime.clock(), lease_until=None, last_error="")
 
 
 def mark_retry(runtime: Runtime, row: OutboundMessage, error: str) -> str:
@@ -118,58 +102,46 @@ def mark_retry(runtime: Runtime, row: OutboundMessage, error: str) -> str:
     out = runtime.settings.outbound
     if row.attempts >= out.max_attempts:
         mark_failed(runtime, row, error)
-        return "failed"
+        return Outbound.FAILED
     delay = min(out.retry_base_seconds * 2 ** max(row.attempts - 1, 0), out.retry_max_seconds)
-    _set(row, state="queued", lease_until=None, last_error=_clip(error),
+    _set(row, state=Outbound.QUEUED, lease_until=None, last_error=_clip(error),
          next_attempt_at=runtime.clock() + dt.timedelta(seconds=delay))
-    return "queued"
+    return Outbound.QUEUED
 
 
 def carries_phi(kind: str) -> bool:
-    return kind not in NO_PHI_KINDS
+    """What recipients get carries no PHI (no subject, filenames or note); everything else,
+    and any kind added later, is treated as carrying it (receipts, notices, summaries)."""
+    return kind not in NO_PHI_MAIL
 
 
 def hold(runtime: Runtime, row: OutboundMessage, error: str) -> None:
     """Not sent because of the configuration, not the message: wait `retry_max_seconds`
     without using up an attempt, so a restart with a fixed configuration still sends it."""
     delay = runtime.settings.outbound.retry_max_seconds
-    _set(row, state="queued", lease_until=None, last_error=_clip(error),
+    _set(row, state=Outbound.QUEUED, lease_until=None, last_error=_clip(error),
          attempts=max(row.attempts - 1, 0),
          next_attempt_at=runtime.clock() + dt.timedelta(seconds=delay))
 
 
 def mark_failed(runtime: Runtime, row: OutboundMessage, error: str) -> None:
-    _set(row, state="failed", lease_until=None, last_error=_clip(error))
+    _set(row, state=Outbound.FAILED, lease_until=None, last_error=_clip(error))
 
 
 def release(runtime: Runtime, rows: Iterable[OutboundMessage]) -> None:
     """Hand claimed but unsent rows back (the dispatcher is stopping); the claim is undone —
-    unless another node has taken a row over since."""
+    unless another node has taken a row over since. Runs in the caller's transaction."""
+    by_node: dict[str, list[int]] = {}
     for row in rows:
-        (OutboundMessage
-         .update(state="queued", lease_until=None, claimed_by="",
-                 attempts=OutboundMessage.attempts - 1)
-         .where(OutboundMessage.id == row.id, OutboundMessage.state == "sending",
-                OutboundMessage.claimed_by == row.claimed_by)
-         .execute())
+        by_node.setdefault(row.claimed_by, []).append(row.id)
+    for node, ids in by_node.items():
+        queue.release(QUEUE, ids, node)
 
 
 def recover(runtime: Runtime, node: str) -> int:
     """At start: rows this node was sending when it last stopped are due again now (the
     interrupted attempt still counts). Other nodes' rows wait for their lease."""
-    with runtime.db.atomic():
-        return (OutboundMessage
-                .update(state="queued", lease_until=None, claimed_by="",
-                        next_attempt_at=runtime.clock())
-                .where((OutboundMessage.state == "sending")
-                       & (OutboundMessage.claimed_by == node))
-                .execute())
-
-
-def _claimable(now: dt.datetime):
-    queued_due = (OutboundMessage.state == "queued") & (OutboundMessage.next_attempt_at <= now)
-    lease_lapsed = (OutboundMessage.state == "sending") & (OutboundMessage.lease_until < now)
-    return queued_due | lease_lapsed
+    return queue.recover(runtime.db, QUEUE, node, runtime.clock())
 
 
 def _set(row: OutboundMessage, **values) -> None:

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 from imapclient import IMAPClient
 
-from mailbridge import db
-from mailbridge.config import ImapSettings, Settings, read_imap_password
-from mailbridge.models import InboundMessage
+from mailbridge.config import read_imap_password
 from mailbridge.receive import imap_session as session
 from mailbridge.receive.imap_intake import Mailbox, Verdict, take, uidvalidity_changed
 from mailbridge.runtime import Runtime
+from mailbridge.settings import ImapSettings, Settings
+from mailbridge.store import db
+from mailbridge.store.models import InboundMessage
 
 log = logging.getLogger(__name__)
 

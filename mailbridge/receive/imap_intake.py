@@ -13,11 +13,12 @@ from email.policy import default as default_policy
 
 import peewee
 
-from mailbridge import members, replay, senders, spool
-from mailbridge.config import Settings
-from mailbridge.models import InboundMessage, Share
-from mailbridge.route import Route, classify_address
+from mailbridge.mail import identity
+from mailbridge.mail.route import classify_address
+from mailbridge.receive import admission, spool
 from mailbridge.runtime import Runtime
+from mailbridge.settings import Settings
+from mailbridge.store.models import InboundMessage, Share
 
 # Delivery headers first: they name the address the provider delivered to.
 ENVELOPE_HEADERS = ("Delivered-To", "X-Original-To", "To", "Cc")
@@ -97,7 +98,7 @@ def _spooled_before(raw: bytes, headers: Message) -> bool:
     same_bytes = InboundMessage.select().where((InboundMessage.channel == "imap")
                                                & (InboundMessage.raw_sha256 == digest))
     return same_bytes.exists() or Share.select().where(
-        Share.dedupe_key == replay.share_dedupe_key(raw, headers)).exists()
+        Share.dedupe_key == identity.share_dedupe_key(raw, headers)).exists()
 
 
 def take(runtime: Runtime, raw: bytes, key: str, *, check_content: bool) -> Verdict:
@@ -116,8 +117,7 @@ def take(runtime: Runtime, raw: bytes, key: str, *, check_content: bool) -> Verd
         return Verdict.UNREADABLE
     headers = BytesHeaderParser(policy=default_policy).parsebytes(raw)
     to = envelope_to(headers, settings)
-    needs_member = any(classify_address(a, settings) in (Route.SHARE, Route.REPLY) for a in to)
-    if needs_member and members.find_active(senders.from_address(headers)) is None:
+    if not admission.sender_allowed(to, headers, settings):
         return Verdict.NON_MEMBER
     if check_content and _spooled_before(raw, headers):
         return Verdict.REPEAT

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import CapabilityError, IMAPClientAbortError, IMAPClientError, LoginError
 
-from mailbridge.config import ConfigError, ImapSettings
+from mailbridge.config import ConfigError
+from mailbridge.settings import ImapSettings
 
 CONNECT_TIMEOUT = 20.0
 # A server that says nothing this long is gone; IDLE waits do not count (they poll the socket).

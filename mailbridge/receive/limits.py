@@ -7,8 +7,8 @@ import datetime as dt
 
 import peewee
 
-from mailbridge.models import InboundMessage
 from mailbridge.runtime import Runtime
+from mailbridge.store.models import InboundMessage
 
 WINDOW = dt.timedelta(hours=1)
 OVER_BUDGET = "451 4.7.1 Too much mail from you in the last hour, please try again later"

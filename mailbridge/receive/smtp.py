@@ -9,24 +9,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from email.parser import BytesHeaderParser
-from email.policy import default as default_policy
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
-from mailbridge import db, members, senders, spool
-from mailbridge.receive import limits
+from mailbridge.mail import senders
+from mailbridge.mail.route import classify_address
+from mailbridge.receive import admission, limits, spool
 from mailbridge.receive.header_watch import HeaderWatch
 from mailbridge.receive.tls import ServerCertificate
 from mailbridge.receive.trace import received_header
-from mailbridge.route import Route, classify_address
 from mailbridge.runtime import Runtime
-from mailbridge.storage import StorageError, StorageFull
+from mailbridge.store import db
+from mailbridge.store.blobs import StorageError, StorageFull
 
 log = logging.getLogger(__name__)
-
-HEADER_LIMIT = 1024 * 1024  # more header than this is not a message we will share
 
 # Named replies, so tests and operators can grep for them.
 OK = "250 2.0.0 Message accepted"
@@ -113,11 +110,9 @@ class IntakeHandler:
             return None
         return None if member else NOT_A_MEMBER
 
-    def _sender_allowed(self, rcpt_tos: list[str], header: bytes) -> bool:
-        settings = self.runtime.settings
-        needs_member = any(classify_address(a, settings) in (Route.SHARE, Route.REPLY)
-                           for a in rcpt_tos)
-        return not needs_member or self._from_member(header)
+    def _sender_allowed(self, rcpt_tos: list[str], raw: bytes) -> bool:
+        return admission.sender_allowed(rcpt_tos, admission.header_of(raw),
+                                        self.runtime.settings)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if classify_address(address, self.runtime.settings) is None:
@@ -167,14 +162,6 @@ class IntakeHandler:
         log.info("smtp: accepted inbound #%d (%d bytes, %s)", row.id, len(raw), proto)
         return OK
 
-    @staticmethod
-    def _from_member(raw: bytes) -> bool:
-        # Headers only, and only the header bytes: the parser would otherwise decode the whole
-        # (possibly 80 MB) message into a string just to read From.
-        ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
-        head = raw[:min(ends, default=len(raw)) + 4][:HEADER_LIMIT]
-        headers = BytesHeaderParser(policy=default_policy).parsebytes(head)
-        return members.find_active(senders.from_address(headers)) is not None
 
 
 def client_ip(session) -> str:

@@ -13,7 +13,8 @@ import ssl
 import threading
 from pathlib import Path
 
-from mailbridge.config import ConfigError, SmtpSettings
+from mailbridge.config import ConfigError
+from mailbridge.settings import SmtpSettings
 
 log = logging.getLogger(__name__)
 

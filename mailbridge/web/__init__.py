@@ -3,7 +3,7 @@ serve`) or for gunicorn (`mailbridge.web.wsgi:app`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.resources
 
 from flask import Flask, redirect, render_template, url_for
 from flask_limiter import Limiter
@@ -11,13 +11,14 @@ from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from mailbridge.config import Settings
 from mailbridge.runtime import Runtime, build_runtime
+from mailbridge.settings import Settings
 from mailbridge.web import accounts, documents, library, links
 from mailbridge.web.access import current_account
 from mailbridge.web.sessions import DatabaseSessionInterface
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "portal"
+# Shipped inside the package (templates/ at the top of the repository is mailbridge.templates).
+TEMPLATES = importlib.resources.files("mailbridge.templates") / "portal"
 
 # No inline script anywhere; documents may be framed only by our own viewer page.
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "

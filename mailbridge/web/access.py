@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from typing import NoReturn
 
-from flask import current_app, redirect, request, session, url_for
+from flask import abort, current_app, redirect, request, session, url_for
 
-from mailbridge import audit
-from mailbridge.models import Account, Document, Grant
 from mailbridge.runtime import Runtime
+from mailbridge.shares.lifecycle import effective_state
+from mailbridge.store import audit
+from mailbridge.store.models import Account, Document, Grant, Share
+from mailbridge.store.states import Audit, GrantState
 
 
 def runtime() -> Runtime:
@@ -49,18 +52,10 @@ def require_account(view):
     return wrapper
 
 
-def grant_state(grant: Grant, at: dt.datetime) -> str:
-    """The state that counts now. Expiry is decided here too, so a stopped scheduler can never
-    extend access."""
-    if grant.state == "pending" and grant.deadline <= at:
-        return "expired"
-    return grant.state
-
-
 def active_grant(account: Account, share_id: int) -> Grant | None:
     """The account's claimed, unrevoked grant for a share — the only thing that opens it."""
     return (Grant.select().where((Grant.account == account) & (Grant.share == share_id)
-                                 & (Grant.state == "claimed")).first())
+                                 & (Grant.state == GrantState.CLAIMED)).first())
 
 
 def accessible_document(account: Account, document_id: int) -> tuple[Document, Grant] | None:
@@ -70,3 +65,20 @@ def accessible_document(account: Account, document_id: int) -> tuple[Document, G
         return None
     grant = active_grant(account, document.share_id)
     return (document, grant) if grant is not None else None
+
+
+def denial_reason(account: Account, share_id: int) -> str:
+    """Why this account may not open a share, for the audit trail only (never shown)."""
+    grant = (Grant.select().where((Grant.account == account) & (Grant.share == share_id))
+             .first())
+    return effective_state(grant, now()) if grant is not None else "not_yours"
+
+
+def refuse(account: Account, share_id: int | None, *, document: Document | None = None,
+           **detail: int) -> NoReturn:
+    """Audit a refused request and answer with the same 404 as for something missing."""
+    exists = share_id is not None and Share.get_or_none(Share.id == share_id) is not None
+    reason = denial_reason(account, share_id) if exists else "missing"
+    record(Audit.ACCESS_DENIED, account=account, share=share_id if exists else None,
+           document=document, detail={"reason": reason, **detail})
+    abort(404)

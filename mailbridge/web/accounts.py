@@ -9,12 +9,13 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, flash, redirect, render_template, request, session, url_for
 from flask_limiter import Limiter
 
-from mailbridge import tokens
-from mailbridge.models import Account, PasswordReset
 from mailbridge.outbound import compose, outbox
-from mailbridge.passwords import hash_password, password_problem
 from mailbridge.runtime import Runtime
+from mailbridge.store import tokens
+from mailbridge.store.models import Account, PasswordReset
+from mailbridge.store.states import Audit, Mail
 from mailbridge.web import access, auth, sessions
+from mailbridge.web.passwords import hash_password, password_problem
 
 bp = Blueprint("accounts", __name__)
 
@@ -87,7 +88,7 @@ def signout():
     account = access.current_account()
     sessions.sign_out(session, access.now())
     if account is not None:
-        access.record("signed_out", actor=account.email, account=account)
+        access.record(Audit.SIGNED_OUT, actor=account.email, account=account)
     flash("You are signed out.")
     return redirect(url_for("accounts.signin"))
 
@@ -120,13 +121,13 @@ def _queue_reset(runtime: Runtime, account: Account, token: str, message) -> Non
                                            & (PasswordReset.created_at > hour_ago)).count())
     with runtime.db.atomic():
         if recent >= RESETS_PER_HOUR:
-            access.record("password_reset_requested", actor=account.email, account=account,
+            access.record(Audit.PASSWORD_RESET_REQUESTED, actor=account.email, account=account,
                           detail={"sent": False, "reason": "too_many"})
             return
         PasswordReset.create(account=account, token_hash=tokens.hash_token(token),
                              created_at=now, expires_at=now + dt.timedelta(minutes=RESET_MINUTES))
-        outbox.enqueue(runtime, message, kind="reset", to_addr=account.email)
-        access.record("password_reset_requested", actor=account.email, account=account,
+        outbox.enqueue(runtime, message, kind=Mail.RESET, to_addr=account.email)
+        access.record(Audit.PASSWORD_RESET_REQUESTED, actor=account.email, account=account,
                       detail={"sent": True})
     outbox.notify(runtime)
 
@@ -166,7 +167,7 @@ def reset(token: str):
             (PasswordReset.update(used_at=now).where((PasswordReset.account == account)
                                                     & PasswordReset.used_at.is_null()).execute())
             ended = sessions.end_all_sessions(account, now)
-            access.record("password_reset", actor=account.email, account=account,
+            access.record(Audit.PASSWORD_RESET, actor=account.email, account=account,
                           detail={"sessions_ended": ended})
     if not used:
         return render_template("reset.html", valid=False), 404
@@ -204,7 +205,7 @@ def change_password():
     with runtime.db.atomic():
         Account.update(password_hash=new_hash).where(Account.id == account.id).execute()
         ended = sessions.end_all_sessions(account, now, except_row=session.row)
-        access.record("password_changed", actor=account.email, account=account,
+        access.record(Audit.PASSWORD_CHANGED, actor=account.email, account=account,
                       detail={"sessions_ended": ended})
     flash("Your password was changed. Every other session of this account was signed out.")
     return redirect(url_for("accounts.change_password"))

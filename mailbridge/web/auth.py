@@ -17,10 +17,11 @@ import peewee
 from flask import request
 from itsdangerous import BadSignature, URLSafeSerializer
 
-from mailbridge import audit
-from mailbridge.models import Account, AuditEvent, Grant
-from mailbridge.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
 from mailbridge.runtime import Runtime
+from mailbridge.store import audit
+from mailbridge.store.models import Account, AuditEvent, Grant
+from mailbridge.store.states import Audit, GrantState
+from mailbridge.web.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
 
 WINDOW = dt.timedelta(minutes=15)
 PER_PAIR, PER_IP, PER_ACCOUNT = 5, 30, 20
@@ -39,7 +40,7 @@ class AccountExists(Exception):
 
 def _failures(runtime: Runtime, **where) -> int:
     since = runtime.clock() - WINDOW
-    query = AuditEvent.select().where((AuditEvent.kind == "sign_in_failed")
+    query = AuditEvent.select().where((AuditEvent.kind == Audit.SIGN_IN_FAILED)
                                       & (AuditEvent.at > since))
     for field, value in where.items():
         query = query.where(getattr(AuditEvent, field) == value)
@@ -76,13 +77,13 @@ def authenticate(runtime: Runtime, address: str, password: str) -> Account | Thr
     now = runtime.clock()
     with runtime.db.atomic():
         if not (ok and account):
-            audit.record("sign_in_failed", now, actor=address, account=account, ip=ip,
+            audit.record(Audit.SIGN_IN_FAILED, now, actor=address, account=account, ip=ip,
                          user_agent=request.headers.get("User-Agent", "")[:400])
             return None
         if needs_rehash(account.password_hash):
             account.password_hash = hash_password(password)
             account.save()
-        audit.record("signed_in", now, actor=address, account=account, ip=ip,
+        audit.record(Audit.SIGNED_IN, now, actor=address, account=account, ip=ip,
                      user_agent=request.headers.get("User-Agent", "")[:400])
     return account
 
@@ -94,7 +95,7 @@ def create_account(runtime: Runtime, address: str, password: str) -> Account:
         with runtime.db.atomic():
             account = Account.create(email=address.lower(), password_hash=hash_password(password),
                                      created_at=now, verified_at=now)
-            audit.record("account_created", now, actor=account.email, account=account,
+            audit.record(Audit.ACCOUNT_CREATED, now, actor=account.email, account=account,
                          ip=request.remote_addr or "",
                          user_agent=request.headers.get("User-Agent", "")[:400])
     except peewee.IntegrityError:
@@ -109,12 +110,12 @@ def claim_grant(runtime: Runtime, grant: Grant, account: Account) -> bool:
         return False
     now = runtime.clock()
     with runtime.db.atomic():
-        changed = (Grant.update(state="claimed", account=account, claimed_at=now)
-                   .where((Grant.id == grant.id) & (Grant.state == "pending")
+        changed = (Grant.update(state=GrantState.CLAIMED, account=account, claimed_at=now)
+                   .where((Grant.id == grant.id) & (Grant.state == GrantState.PENDING)
                           & (Grant.deadline > now)).execute())
         if changed:
-            audit.record("claimed", now, actor=account.email, account=account,
+            audit.record(GrantState.CLAIMED, now, actor=account.email, account=account,
                          share=grant.share_id, grant=grant, ip=request.remote_addr or "",
                          user_agent=request.headers.get("User-Agent", "")[:400])
     fresh = Grant.get_by_id(grant.id)
-    return fresh.state == "claimed" and fresh.account_id == account.id
+    return fresh.state == GrantState.CLAIMED and fresh.account_id == account.id

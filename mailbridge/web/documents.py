@@ -10,12 +10,13 @@ from urllib.parse import quote
 from flask import Blueprint, Flask, Response, abort, render_template, request
 from flask_limiter import Limiter
 
-from mailbridge import notifications, phi
-from mailbridge.filenames import KIND_CONTENT_TYPES
-from mailbridge.models import Document, Grant
+from mailbridge.mail.filetypes import KIND_CONTENT_TYPES
+from mailbridge.shares import notify
+from mailbridge.store import sealed
+from mailbridge.store.models import Document, Grant
+from mailbridge.store.states import Audit
 from mailbridge.web import access
 from mailbridge.web.access import current_account, require_account
-from mailbridge.web.library import refuse
 
 bp = Blueprint("documents", __name__)
 
@@ -61,7 +62,7 @@ def _open_document(document_id: int) -> tuple[Document, Grant]:
     found = access.accessible_document(account, document_id)
     if found is None:
         document = Document.get_or_none(Document.id == document_id)
-        refuse(account, document.share_id if document else None, document=document,
+        access.refuse(account, document.share_id if document else None, document=document,
                document_id=document_id)
     return found
 
@@ -71,7 +72,7 @@ def _stream(document: Document, disposition: str, content_type: str) -> Response
     chunks = access.runtime().documents.open(document.blob_id, bytes(document.blob_key))
     response = Response(chunks, direct_passthrough=True, content_type=content_type)
     response.headers["Content-Length"] = str(document.size)
-    name = phi.document_name(access.runtime(), document)
+    name = sealed.document_name(access.runtime().phi_key, document)
     response.headers["Content-Disposition"] = content_disposition(disposition, name)
     return response
 
@@ -82,7 +83,7 @@ def view(document_id: int):
     document, _grant = _open_document(document_id)
     share = document.share
     return render_template("viewer.html", document=document, share=share,
-                           filename=phi.document_name(access.runtime(), document),
+                           filename=sealed.document_name(access.runtime().phi_key, document),
                            inline=inline_viewable(document),
                            image=document.kind in IMAGE_KINDS)
 
@@ -97,9 +98,9 @@ def inline(document_id: int):
     response.headers["Content-Security-Policy"] = INLINE_CSP
     response.headers["X-Frame-Options"] = "SAMEORIGIN"
     if request.method == "GET":
-        access.record("document_viewed", account=current_account(), document=document,
+        access.record(Audit.DOCUMENT_VIEWED, account=current_account(), document=document,
                       share=document.share_id, grant=grant)
-        notifications.first_view(access.runtime(), grant)
+        notify.first_view(access.runtime(), grant)
     return response
 
 
@@ -109,9 +110,9 @@ def download(document_id: int):
     document, grant = _open_document(document_id)
     response = _stream(document, "attachment", download_type(document))
     if request.method == "GET":
-        access.record("document_downloaded", account=current_account(), document=document,
+        access.record(Audit.DOCUMENT_DOWNLOADED, account=current_account(), document=document,
                       share=document.share_id, grant=grant)
-        notifications.first_view(access.runtime(), grant)
+        notify.first_view(access.runtime(), grant)
     return response
 
 

@@ -3,16 +3,15 @@ the shares they moved to "Archived" (a per-recipient flag; other recipients neve
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
-from typing import NoReturn
-from zoneinfo import ZoneInfo
 
-from flask import Blueprint, Flask, abort, flash, redirect, render_template, url_for
+from flask import Blueprint, Flask, flash, redirect, render_template, url_for
 from flask_limiter import Limiter
 
-from mailbridge import phi
-from mailbridge.models import Account, Clinic, Document, Grant, Member, Share
+from mailbridge.clock import local_text
+from mailbridge.store import sealed
+from mailbridge.store.models import Account, Clinic, Document, Grant, Member, Share
+from mailbridge.store.states import Audit, GrantState
 from mailbridge.web import access
 from mailbridge.web.access import current_account, require_account
 
@@ -47,11 +46,6 @@ def human_size(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-def local_time(at: dt.datetime, timezone: str) -> str:
-    local = at.replace(tzinfo=dt.UTC).astimezone(ZoneInfo(timezone))
-    return local.strftime("%d %b %Y, %H:%M %Z")
-
-
 def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
     """The account's claimed shares (archived or not), newest first, with their documents."""
     runtime = access.runtime()
@@ -60,7 +54,8 @@ def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
             .join(Grant, on=(Grant.share == Share.id))
             .switch(Share).join(Clinic)
             .switch(Share).join(Member)
-            .where((Grant.account == account) & (Grant.state == "claimed") & archived_filter)
+            .where((Grant.account == account) & (Grant.state == GrantState.CLAIMED)
+                   & archived_filter)
             .order_by(Share.created_at.desc(), Share.id.desc()))
     shares = list({share.id: share for share in rows}.values())  # one entry per share
     documents: dict[int, list[DocumentEntry]] = {share.id: [] for share in shares}
@@ -69,49 +64,34 @@ def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
                  .order_by(Document.position, Document.id))
         for document in query:
             documents[document.share_id].append(DocumentEntry(
-                id=document.id, filename=phi.document_name(runtime, document),
+                id=document.id, filename=sealed.document_name(runtime.phi_key, document),
                 type_label=document.kind.upper(),
                 size_text=human_size(document.size)))
-    return [ShareEntry(share_id=share.id, title=phi.share_title(runtime, share),
+    return [ShareEntry(share_id=share.id, title=sealed.share_title(runtime.phi_key, share),
                        clinic=share.clinic.name,
                        sender=share.sender.name,
-                       shared_at=local_time(share.created_at, share.clinic.timezone),
+                       shared_at=local_text(share.created_at, share.clinic.timezone),
                        shared_at_iso=share.created_at.isoformat() + "Z",
-                       note_html=phi.share_note(runtime, share), documents=documents[share.id])
+                       note_html=sealed.share_note(runtime.phi_key, share),
+                       documents=documents[share.id])
             for share in shares]
-
-
-def denial_reason(account: Account, share_id: int) -> str:
-    """Why this account may not open a share, for the audit trail only (never shown)."""
-    grant = (Grant.select().where((Grant.account == account) & (Grant.share == share_id))
-             .first())
-    return access.grant_state(grant, access.now()) if grant is not None else "not_yours"
-
-
-def refuse(account: Account, share_id: int | None, *, document: Document | None = None,
-           **detail: int) -> NoReturn:
-    """Audit a refused request and answer with the same 404 as for something missing."""
-    exists = share_id is not None and Share.get_or_none(Share.id == share_id) is not None
-    reason = denial_reason(account, share_id) if exists else "missing"
-    access.record("access_denied", account=account, share=share_id if exists else None,
-                  document=document, detail={"reason": reason, **detail})
-    abort(404)
 
 
 @bp.get("/library")
 @require_account
 def index():
-    account = current_account()
-    return render_template("library.html", archived=False,
-                           shares=library_entries(account, archived=False))
+    return _library_page(archived=False)
 
 
 @bp.get("/library/archived")
 @require_account
 def archived():
-    account = current_account()
-    return render_template("library.html", archived=True,
-                           shares=library_entries(account, archived=True))
+    return _library_page(archived=True)
+
+
+def _library_page(*, archived: bool):
+    entries = library_entries(current_account(), archived=archived)
+    return render_template("library.html", archived=archived, shares=entries)
 
 
 @bp.post("/library/shares/<int:share_id>/archive")
@@ -134,13 +114,13 @@ def _set_archived(share_id: int, *, archived: bool) -> None:
     account = current_account()
     grant = access.active_grant(account, share_id)
     if grant is None:
-        refuse(account, share_id, share=share_id)
+        access.refuse(account, share_id, share=share_id)
     runtime = access.runtime()
     with runtime.db.atomic():
         # Only this account's grant: other recipients of the share keep their own view.
         (Grant.update(archived_at=access.now() if archived else None)
          .where(Grant.id == grant.id).execute())
-        access.record("share_archived" if archived else "share_restored", account=account,
+        access.record(Audit.SHARE_ARCHIVED if archived else Audit.SHARE_RESTORED, account=account,
                       share=grant.share_id, grant=grant)
 
 

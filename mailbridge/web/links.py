@@ -8,6 +8,7 @@ with a CSRF token. A link works only for the address it was sent to.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hmac
 import secrets
 
@@ -25,13 +26,15 @@ from flask import (
 )
 from flask_limiter import Limiter
 
-from mailbridge import tokens
-from mailbridge.actions.share import deadline_text
-from mailbridge.models import Account, AuditEvent, Grant, OneTimeCode
+from mailbridge.clock import local_text
 from mailbridge.outbound import compose, outbox
-from mailbridge.passwords import password_problem
+from mailbridge.shares.lifecycle import effective_state
+from mailbridge.store import tokens
+from mailbridge.store.models import Account, AuditEvent, Grant, OneTimeCode
+from mailbridge.store.states import Audit, GrantState, Mail
 from mailbridge.web import access, auth, sessions
-from mailbridge.web.access import current_account, grant_state
+from mailbridge.web.access import current_account
+from mailbridge.web.passwords import password_problem
 
 bp = Blueprint("links", __name__)
 
@@ -67,6 +70,28 @@ def register(app: Flask, limiter: Limiter) -> None:
         app.view_functions[endpoint] = limiter.limit(limit)(app.view_functions[endpoint])
 
 
+def link_step(*, allow_expired: bool = False):
+    """For the views of a link's flow: the view gets the grant of `token` when the flow may go
+    on with it; otherwise it is not called and the holder sees why (no such link, another
+    account signed in, or the grant no longer pending — expired ones pass when
+    `allow_expired`)."""
+
+    def decorate(view):
+        @functools.wraps(view)
+        def checked(token: str):
+            grant = _find(token)
+            if grant is None:
+                return _not_found()
+            refusal = _refusal(grant, allow_expired=allow_expired)
+            if refusal is not None:
+                return refusal
+            return view(grant, token)
+
+        return checked
+
+    return decorate
+
+
 # --- pages -----------------------------------------------------------------------------------
 
 
@@ -75,17 +100,15 @@ def link_page(token: str):
     grant = _find(token)
     if grant is None:
         return _not_found()
-    state = grant_state(grant, access.now())
+    state = effective_state(grant, access.now())
     if request.method == "GET" and not _shown_lately(grant):
-        access.record("link_shown", share=grant.share_id, grant=grant, detail={"state": state})
+        access.record(Audit.LINK_SHOWN, share=grant.share_id, grant=grant, detail={"state": state})
     return _state_page(grant, state)
 
 
 @bp.get("/s/<token>/next")
-def next_step(token: str):
-    grant, refusal = _gate(token)
-    if refusal is not None:
-        return refusal
+@link_step()
+def next_step(grant: Grant, token: str):
     return _show(grant, _step_template(grant))
 
 
@@ -93,10 +116,8 @@ def next_step(token: str):
 
 
 @bp.post("/s/<token>/code")
-def send_code(token: str):
-    grant, refusal = _gate(token)
-    if refusal is not None:
-        return refusal
+@link_step()
+def send_code(grant: Grant, token: str):
     if current_account() is not None or _has_account(grant):
         return _to_next(token)  # a code would not help: they sign in or claim
     runtime, now = access.runtime(), access.now()
@@ -115,8 +136,8 @@ def send_code(token: str):
                 & (OneTimeCode.expires_at > now)).execute())
         OneTimeCode.create(grant=grant, code_hash=_code_hash(grant, code), created_at=now,
                            expires_at=now + dt.timedelta(minutes=CODE_MINUTES))
-        access.record("code_sent", actor=grant.address, share=grant.share_id, grant=grant)
-        outbox.enqueue(runtime, msg, kind="code", to_addr=grant.address, share=grant.share_id,
+        access.record(Audit.CODE_SENT, actor=grant.address, share=grant.share_id, grant=grant)
+        outbox.enqueue(runtime, msg, kind=Mail.CODE, to_addr=grant.address, share=grant.share_id,
                        grant=grant)
     outbox.notify(runtime)
     _remember_code_sent(grant)
@@ -125,10 +146,8 @@ def send_code(token: str):
 
 
 @bp.post("/s/<token>/verify")
-def verify_code(token: str):
-    grant, refusal = _gate(token)
-    if refusal is not None:
-        return refusal
+@link_step()
+def verify_code(grant: Grant, token: str):
     if current_account() is not None:
         return _to_next(token)
     problem = _check_code(grant, request.form.get("code", ""))
@@ -142,11 +161,9 @@ def verify_code(token: str):
 
 
 @bp.post("/s/<token>/register", endpoint="register")
-def register_account(token: str):
+@link_step(allow_expired=True)
+def register_account(grant: Grant, token: str):
     # An expired grant still lets a proven mailbox get its account; only the claim fails.
-    grant, refusal = _gate(token, allow_expired=True)
-    if refusal is not None:
-        return refusal
     if current_account() is not None:
         return _to_next(token)
     if not _verified(grant):
@@ -167,10 +184,8 @@ def register_account(token: str):
 
 
 @bp.post("/s/<token>/signin")
-def signin(token: str):
-    grant, refusal = _gate(token)
-    if refusal is not None:
-        return refusal
+@link_step()
+def signin(grant: Grant, token: str):
     if current_account() is not None:
         return _to_next(token)
     result = auth.authenticate(access.runtime(), grant.address, request.form.get("password", ""))
@@ -182,10 +197,8 @@ def signin(token: str):
 
 
 @bp.post("/s/<token>/claim")
-def claim(token: str):
-    grant, refusal = _gate(token)
-    if refusal is not None:
-        return refusal
+@link_step()
+def claim(grant: Grant, token: str):
     account = current_account()
     if account is None:
         return _to_next(token)
@@ -206,7 +219,7 @@ def _shown_lately(grant: Grant) -> bool:
     views (reloads, a scanner's retries) are one audit event an hour, not a row each."""
     who = access.client()
     return (AuditEvent.select().where(
-        (AuditEvent.grant == grant) & (AuditEvent.kind == "link_shown")
+        (AuditEvent.grant == grant) & (AuditEvent.kind == Audit.LINK_SHOWN)
         & (AuditEvent.at > access.now() - LINK_VIEW_WINDOW)
         & (AuditEvent.ip == who["ip"]) & (AuditEvent.user_agent == who["user_agent"]))
         .exists())
@@ -217,26 +230,18 @@ def _not_found():
     return render_template("link_unknown.html"), 404
 
 
-def _gate(token: str, *, allow_expired: bool = False) -> tuple[Grant | None, object]:
-    """The grant and None when the flow may go on with it, else the response to give."""
-    grant = _find(token)
-    if grant is None:
-        return None, _not_found()
-    return grant, _refusal(grant, allow_expired=allow_expired)
-
-
 def _refusal(grant: Grant, *, allow_expired: bool = False):
     """The response when this grant cannot go on with the flow, else None: another account is
     signed in, or the grant is no longer pending."""
     account = current_account()
     if account is not None and account.email != grant.address.lower():
-        access.record("access_denied", actor=account.email, account=account,
+        access.record(Audit.ACCESS_DENIED, actor=account.email, account=account,
                       share=grant.share_id, grant=grant, detail={"reason": "wrong_account"})
         return render_template("link_wrong_account.html"), 403
-    state = grant_state(grant, access.now())
-    if state == "pending" or (state == "expired" and allow_expired):
+    state = effective_state(grant, access.now())
+    if state == GrantState.PENDING or (state == GrantState.EXPIRED and allow_expired):
         return None
-    if state == "claimed" and account is not None and grant.account_id == account.id:
+    if state == GrantState.CLAIMED and account is not None and grant.account_id == account.id:
         return redirect(url_for("library.index"))
     return _state_page(grant, state)
 
@@ -246,7 +251,7 @@ def _state_page(grant: Grant, state: str):
     return render_template(
         "link.html", state=state, token=_token_arg(),
         clinic=share.clinic.name, sender=share.sender.name, documents=share.documents.count(),
-        deadline=deadline_text(grant.deadline, share.clinic.timezone))
+        deadline=local_text(grant.deadline, share.clinic.timezone))
 
 
 def _token_arg() -> str:
@@ -272,7 +277,7 @@ def _show(grant: Grant, template: str, *, status: int = 200, **extra):
     return render_template(
         template, token=_token_arg(), address=grant.address, clinic=share.clinic.name,
         sender=share.sender.name, documents=share.documents.count(),
-        deadline=deadline_text(grant.deadline, share.clinic.timezone),
+        deadline=local_text(grant.deadline, share.clinic.timezone),
         code_minutes=CODE_MINUTES, **extra), status
 
 
@@ -317,14 +322,14 @@ def _check_code(grant: Grant, entered: str) -> str | None:
         return DEAD_CODE
     if not hmac.compare_digest(row.code_hash, _code_hash(grant, entered)):
         attempts = OneTimeCode.get_by_id(row.id).attempts
-        access.record("code_failed", actor=grant.address, share=grant.share_id, grant=grant,
+        access.record(Audit.CODE_FAILED, actor=grant.address, share=grant.share_id, grant=grant,
                       detail={"attempts": attempts})
         return DEAD_CODE if attempts >= CODE_MAX_ATTEMPTS else WRONG_CODE
     with runtime.db.atomic():
         # Conditional: of two submissions of the same code only one uses it.
         used = OneTimeCode.update(used_at=now).where(live).execute()
         if used:
-            access.record("code_verified", actor=grant.address, share=grant.share_id,
+            access.record(Audit.CODE_VERIFIED, actor=grant.address, share=grant.share_id,
                           grant=grant)
     return None if used else USED_CODE
 
@@ -359,4 +364,4 @@ def _claimed_or_state(grant: Grant, account: Account):
         flash(f"The documents from {grant.share.sender.name} are now in your library.")
         return redirect(url_for("library.index"))
     fresh = Grant.get_by_id(grant.id)
-    return _state_page(fresh, grant_state(fresh, access.now()))
+    return _state_page(fresh, effective_state(fresh, access.now()))

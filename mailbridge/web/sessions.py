@@ -18,10 +18,10 @@ from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
 
-from mailbridge.models import Account, WebSession
 from mailbridge.runtime import Runtime, derive_key
-from mailbridge.storage import seal, unseal
-from mailbridge.tokens import hash_token
+from mailbridge.store.blobs import seal, unseal
+from mailbridge.store.models import Account, WebSession
+from mailbridge.store.tokens import hash_token
 
 COOKIE = "mb_session"
 ANON_COOKIE = "mb_anon"

@@ -25,8 +25,8 @@ from pathlib import Path
 from playhouse.db_url import connect
 
 from mailbridge.config import load_settings
-from mailbridge.models import Grant, InboundMessage, OutboundMessage
 from mailbridge.runtime import build_runtime
+from mailbridge.store.models import Grant, InboundMessage, OutboundMessage
 from tests.conftest import PG_ADMIN_URL, ROOT, SHARING, free_port
 from tests.helpers import MEMBER, pdf_bytes, share_message, wire
 from tests.smtp_sink import SmtpSink

@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from mailbridge import spool, worker
-from mailbridge.models import Grant, OutboundMessage, Share
+from mailbridge.receive import spool, worker
+from mailbridge.store.models import Grant, OutboundMessage, Share
 from tests.faults.harness import (
     MESSAGES,
     Sender,

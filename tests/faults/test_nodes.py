@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from mailbridge.models import OutboundMessage
+from mailbridge.store.models import OutboundMessage
 from tests.faults.harness import Sender, Site, delivered, settled, tally, wait_until
 
 pytestmark = pytest.mark.slow

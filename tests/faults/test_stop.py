@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from mailbridge import spool
-from mailbridge.models import InboundMessage, OutboundMessage
 from mailbridge.outbound import compose, outbox
+from mailbridge.receive import spool
+from mailbridge.store.models import InboundMessage, OutboundMessage
 from tests.faults.harness import fault_message, settled, tally, wait_until
 from tests.helpers import MEMBER
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mailbridge.models import AuditEvent, Grant, InboundMessage, OutboundMessage, Share
+from mailbridge.store.models import AuditEvent, Grant, InboundMessage, OutboundMessage, Share
 from tests.conftest import SHARING, start_service
 from tests.dkim_helpers import sign
 from tests.helpers import wire

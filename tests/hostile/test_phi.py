@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from mailbridge import phi
-from mailbridge.models import Document, Share
+from mailbridge.store import sealed
+from mailbridge.store.models import Document, Share
 from tests.conftest import start_service
 from tests.helpers import add_jane, pdf_bytes, share_message
 
@@ -42,9 +42,9 @@ def test_marker_from_subject_note_and_file_name_is_nowhere_in_the_database(share
                                                                           caplog):
     # The portal still shows what the member wrote: it is sealed, not lost.
     share = Share.get()
-    assert MARKER in phi.share_title(shared.runtime, share)
-    assert MARKER in phi.share_note(shared.runtime, share)
-    assert MARKER in phi.document_name(shared.runtime, Document.get())
+    assert MARKER in sealed.share_title(shared.runtime.phi_key, share)
+    assert MARKER in sealed.share_note(shared.runtime.phi_key, share)
+    assert MARKER in sealed.document_name(shared.runtime.phi_key, Document.get())
     if db_url.startswith("sqlite"):
         path = db_url[len("sqlite:///"):]
         files = [p for p in (path, f"{path}-wal", f"{path}-shm") if os.path.exists(p)]

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from mailbridge import tokens
-from mailbridge.models import Account, AuditEvent, Grant, OneTimeCode, WebSession
+from mailbridge.store import tokens
+from mailbridge.store.models import Account, AuditEvent, Grant, OneTimeCode, WebSession
 from mailbridge.web import sessions
 from tests.portal_helpers import (
     OWNER,
@@ -77,7 +77,7 @@ def test_planted_anonymous_cookie_never_carries_the_victims_proven_mailbox(porta
     victim.set_cookie(sessions.ANON_COOKIE, planted)
     victim.post(f"/s/{links[OTHER]}/code",
                 data={"csrf_token": csrf(victim, f"/s/{links[OTHER]}/next")})
-    from tests.test_web_links import latest_code
+    from tests.web.test_links import latest_code
 
     victim.post(f"/s/{links[OTHER]}/verify",
                 data={"csrf_token": csrf(victim, f"/s/{links[OTHER]}/next"),
@@ -129,7 +129,7 @@ def test_guessing_the_code_stops_after_five_tries(portal):
     client = app.test_client()
     page = f"/s/{links[OTHER]}/next"
     client.post(f"/s/{links[OTHER]}/code", data={"csrf_token": csrf(client, page)})
-    from tests.test_web_links import latest_code
+    from tests.web.test_links import latest_code
 
     real = latest_code(rt)
     wrong = [f"{(int(real) + n) % 10**6:06d}" for n in range(1, 6)]

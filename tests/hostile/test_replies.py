@@ -10,12 +10,12 @@ import smtplib
 import dkim
 import pytest
 
-from mailbridge.models import AuditEvent, InboundMessage, Share
+from mailbridge.store.models import AuditEvent, InboundMessage, Share
 from tests.conftest import MAIL
 from tests.dkim_helpers import sign
+from tests.e2e.test_commands import plain_reply, share_and_receipt
 from tests.helpers import MEMBER, add_jane, share_message, wire
 from tests.hostile.conftest import assert_nothing_happened, snapshot
-from tests.test_commands_e2e import plain_reply, share_and_receipt
 
 
 def signed(svc, msg) -> bytes:

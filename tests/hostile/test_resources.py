@@ -9,9 +9,9 @@ from email.message import EmailMessage
 
 import pytest
 
-from mailbridge import phi
-from mailbridge.models import Document, InboundMessage, OutboundMessage, Share
 from mailbridge.outbound import outbox
+from mailbridge.store import sealed
+from mailbridge.store.models import Document, InboundMessage, OutboundMessage, Share
 from tests.helpers import MEMBER, add_jane, pdf_bytes, share_message, wire
 from tests.hostile.conftest import assert_nothing_happened, send_raw, snapshot
 
@@ -138,7 +138,7 @@ def test_file_names_cannot_choose_where_documents_are_stored(svc, name):
     for document in Document.select():
         stored = data_dir / "documents" / document.blob_id[:2] / document.blob_id
         assert stored.is_file()
-        shown = phi.document_name(svc.runtime, document)
+        shown = sealed.document_name(svc.runtime.phi_key, document)
         assert "/" not in shown and "\\" not in shown and "\x00" not in shown
     assert not (data_dir.parent / "etc").exists()
     for row in OutboundMessage.select():  # and no e-mail carries the raw name either

@@ -9,7 +9,7 @@ import smtplib
 import dkim
 import pytest
 
-from mailbridge.models import AuditEvent, InboundMessage
+from mailbridge.store.models import AuditEvent, InboundMessage
 from tests.helpers import MEMBER, add_jane, share_message, wire
 from tests.hostile.conftest import assert_nothing_happened, send_raw, snapshot
 

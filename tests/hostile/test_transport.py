@@ -16,17 +16,17 @@ from email.parser import BytesParser
 
 import pytest
 
-from mailbridge import spool
 from mailbridge.config import load_settings
-from mailbridge.models import AuditEvent, InboundMessage, OutboundMessage, WebSession
 from mailbridge.outbound.dispatcher import dispatch_due
 from mailbridge.outbound.mailer import make_mailer
+from mailbridge.receive import spool
 from mailbridge.runtime import build_runtime
+from mailbridge.store.models import AuditEvent, InboundMessage, OutboundMessage, WebSession
 from tests.conftest import SHARING, free_port
+from tests.e2e.test_serve import ServeProcess, Setup, mailbridge
 from tests.helpers import MEMBER, add_jane, share_message, wire
+from tests.outbound.test_dispatcher import share_with_mail
 from tests.smtp_sink import SmtpSink
-from tests.test_dispatcher import share_with_mail
-from tests.test_serve import ServeProcess, Setup, mailbridge
 from tests.tls_helpers import make_certificate, non_loopback_address, tls_intake
 
 

@@ -1,1 +1,0 @@
-"""What a message can make happen: a new share (share.py)."""

@@ -1,0 +1,110 @@
+"""The share jobs the scheduler runs: expiry, reminders and expiry summaries — plain, idempotent
+functions that log what they did, safe on any number of nodes at once. Each takes an optional
+`stop` event and checks it between batches, so stopping never waits for a queue to drain."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+from mailbridge.outbound import outbox
+from mailbridge.runtime import Runtime
+from mailbridge.shares import notify
+from mailbridge.store import audit
+from mailbridge.store.models import (
+    Grant,
+)
+from mailbridge.store.states import Audit, Delivery, GrantState
+
+Stop = threading.Event | None
+
+
+def stopped(stop: Stop) -> bool:
+    return stop is not None and stop.is_set()
+
+
+log = logging.getLogger(__name__)
+
+
+def expire_grants(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
+    """Unclaimed grants past their deadline become `expired`. Safe on several nodes at once:
+    each row changes state only if it is still pending."""
+    total = 0
+    while True:
+        now = runtime.clock()
+        due = list(Grant.select()
+                   .where((Grant.state == GrantState.PENDING) & (Grant.deadline <= now))
+                   .order_by(Grant.id).limit(batch))
+        if not due:
+            break
+        with runtime.db.atomic():
+            for grant in due:
+                changed = (Grant.update(state=GrantState.EXPIRED, ended_at=now)
+                           .where((Grant.id == grant.id) & (Grant.state == GrantState.PENDING))
+                           .execute())
+                if changed:
+                    audit.record(Audit.GRANT_EXPIRED, now, share=grant.share_id, grant=grant)
+                    total += 1
+        if len(due) < batch or stopped(stop):
+            break
+    if total:
+        log.info("expire: %d grant(s) expired", total)
+    return total
+
+
+def remind_grants(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
+    """One reminder per unclaimed grant whose deadline is less than `[shares]
+    remind_before_hours` away (and not past). Links that could not be delivered get none."""
+    shares = runtime.settings.shares
+    window = shares.remind_before_hours
+    if window <= 0 or window >= shares.claim_hours:  # off, or it would follow the link at once
+        return 0
+    sent, last_id = 0, 0
+    while True:
+        now = runtime.clock()
+        due = [g.id for g in Grant.select(Grant.id)
+               .where((Grant.state == GrantState.PENDING) & Grant.reminded_at.is_null()
+                      & (Grant.delivery != Delivery.FAILED) & (Grant.deadline > now)
+                      & (Grant.deadline <= now + dt.timedelta(hours=window))
+                      & (Grant.id > last_id))
+               .order_by(Grant.id).limit(batch)]
+        for grant_id in due:
+            if stopped(stop):
+                break
+            sent += notify.remind(runtime, grant_id)
+        if len(due) < batch or stopped(stop):
+            break
+        last_id = due[-1]
+    if sent:
+        outbox.notify(runtime)
+        log.info("remind: %d reminder(s) queued", sent)
+    return sent
+
+
+def report_expired(runtime: Runtime, batch: int = 200, stop: Stop = None) -> int:
+    """One notice per share to its sender, listing the recipients whose links expired since
+    the last report. A share whose lapsed grants the `expire` job has not all reached yet waits
+    for the next run, so its recipients come in one notice. Returns the shares reported."""
+    shares, recipients, last_id = 0, 0, 0
+    while True:
+        now = runtime.clock()
+        lagging = Grant.select(Grant.share).where((Grant.state == GrantState.PENDING)
+                                                  & (Grant.deadline <= now))
+        due = [row.share_id for row in Grant.select(Grant.share)
+               .where((Grant.state == GrantState.EXPIRED) & Grant.expiry_reported_at.is_null()
+                      & Grant.share.not_in(lagging) & (Grant.share > last_id))
+               .distinct().order_by(Grant.share).limit(batch)]
+        for share_id in due:
+            if stopped(stop):
+                break
+            covered = notify.expiry_summary(runtime, share_id)
+            shares += bool(covered)
+            recipients += covered
+        if len(due) < batch or stopped(stop):
+            break
+        last_id = due[-1]
+    if shares:
+        outbox.notify(runtime)
+        log.info("expiry_summary: %d share(s) reported, %d recipient(s)", shares, recipients)
+    return shares

@@ -1,0 +1,191 @@
+"""E-mails mailbridge sends on its own about a share — the recipient's reminder and the
+sender's first-view, expiry and delivery-failure notices — each at most once.
+
+"Once" is a conditional UPDATE of the grant's `*_reported_at` / `reminded_at` / `delivery`
+column in the same transaction that queues the e-mail: on several nodes at once, only the
+node whose UPDATE changed the row sends.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from email import policy
+from email.parser import BytesParser
+
+from cryptography.exceptions import InvalidTag
+
+from mailbridge.clock import local_text
+from mailbridge.outbound import compose, outbox
+from mailbridge.outcomes import Notice
+from mailbridge.runtime import Runtime
+from mailbridge.store import audit, tokens
+from mailbridge.store.models import Grant, OutboundMessage, Share
+from mailbridge.store.states import Audit, Delivery, GrantState, Mail
+
+MAX_REASON_CHARS = 300
+
+
+def remind(runtime: Runtime, grant_id: int) -> bool:
+    """Queue the one reminder for a pending grant; False if it was reminded already, or is no
+    longer pending (claimed, revoked, past its deadline)."""
+    grant = Grant.get_or_none(Grant.id == grant_id)
+    if grant is None:
+        return False
+    share = grant.share
+    timezone = share.clinic.timezone
+    link, sent_at = current_link(runtime, grant)
+    message = compose.reminder_email(
+        runtime.settings, to=grant.address, link_url=link, clinic_name=share.clinic.name,
+        sender_name=share.sender.name, document_count=share.documents.count(),
+        sent_text=local_text(sent_at, timezone),
+        deadline_text=local_text(grant.deadline, timezone), now=runtime.clock())
+    now = runtime.clock()
+    with runtime.db.atomic():
+        changed = (Grant.update(reminded_at=now)
+                   .where((Grant.id == grant.id) & Grant.reminded_at.is_null()
+                          & (Grant.state == GrantState.PENDING) & (Grant.deadline > now))
+                   .execute())
+        if not changed:
+            return False
+        audit.record(Audit.REMINDER_SENT, now, share=share, grant=grant,
+                     detail={"with_link": link is not None})
+        outbox.enqueue(runtime, message, kind=Mail.REMINDER, to_addr=grant.address, share=share,
+                       grant=grant)
+    return True
+
+
+def current_link(runtime: Runtime, grant: Grant) -> tuple[str | None, dt.datetime]:
+    """The grant's working link and when it was e-mailed. Tokens are stored only as hashes,
+    but the link e-mail itself is kept sealed in the outbox: the newest one whose link matches
+    the grant's current token hash gives it back. (None, ...) if none does — e.g. the outbox
+    row is gone — and the reminder then points to the first e-mail instead."""
+    rows = list(OutboundMessage.select()
+                .where((OutboundMessage.grant == grant.id) & (OutboundMessage.kind == "link"))
+                .order_by(OutboundMessage.id.desc()))
+    prefix = compose.link_url(runtime.settings.service.base_url, "")
+    pattern = re.compile(re.escape(prefix) + r"([A-Za-z0-9_-]{16,128})")
+    for row in rows:
+        try:
+            raw = outbox.open_message(runtime, row)
+        except (InvalidTag, ValueError):
+            continue
+        for token in pattern.findall(_plain_text(raw)):
+            if tokens.hash_token(token) == grant.token_hash:
+                return compose.link_url(runtime.settings.service.base_url, token), row.created_at
+    return None, rows[0].created_at if rows else grant.created_at
+
+
+def first_view(runtime: Runtime, grant: Grant) -> bool:
+    """On a recipient's first view or download of a share: tell the sender once, threaded under
+    the receipt. Later views cost no write. With `[notifications] first_view` off the grant is
+    still marked, so turning it on later does not report old views as new."""
+    if grant.first_view_reported_at is not None:
+        return False
+    now = runtime.clock()
+    with runtime.db.atomic():
+        changed = (Grant.update(first_view_reported_at=now)
+                   .where((Grant.id == grant.id) & Grant.first_view_reported_at.is_null())
+                   .execute())
+        if not changed or not runtime.settings.notifications.first_view:
+            return False
+        share = Share.get_by_id(grant.share_id)
+        sender, timezone = share.sender, share.clinic.timezone
+        message = compose.first_view_email(
+            runtime.settings, to=sender.email, sender_name=sender.name,
+            recipient=grant.address, shared_text=local_text(share.created_at, timezone),
+            opened_text=local_text(now, timezone),
+            in_reply_to=share.receipt_message_id or None, now=now)
+        outbox.enqueue(runtime, message, kind=Mail.FIRST_VIEW, to_addr=sender.email, share=share,
+                       grant=grant)
+    outbox.notify(runtime)
+    return True
+
+
+def expiry_summary(runtime: Runtime, share_id: int) -> int:
+    """One notice to the sender listing the share's expired grants not reported yet; returns
+    how many grants it covered (0: nothing new). Rows are marked in id order, so two nodes
+    never split one share's grants between two notices."""
+    share = Share.get_or_none(Share.id == share_id)
+    if share is None:
+        return 0
+    candidates = list(Grant.select(Grant.id, Grant.address)
+                      .where((Grant.share == share.id) & (Grant.state == GrantState.EXPIRED)
+                             & Grant.expiry_reported_at.is_null())
+                      .order_by(Grant.id))
+    now = runtime.clock()
+    with runtime.db.atomic():
+        reported = [g.address for g in candidates
+                    if Grant.update(expiry_reported_at=now)
+                    .where((Grant.id == g.id) & Grant.expiry_reported_at.is_null()
+                           & (Grant.state == GrantState.EXPIRED)).execute()]
+        if not reported:
+            return 0
+        notify = runtime.settings.notifications.expiry_summary
+        if notify:
+            sender = share.sender
+            message = compose.expiry_summary_email(
+                runtime.settings, to=sender.email, sender_name=sender.name, addresses=reported,
+                shared_text=local_text(share.created_at, share.clinic.timezone),
+                in_reply_to=share.receipt_message_id or None, now=now)
+            outbox.enqueue(runtime, message, kind=Mail.EXPIRY_SUMMARY, to_addr=sender.email,
+                           share=share)
+        audit.record(Audit.EXPIRY_REPORTED, now, share=share,
+                     detail={"recipients": len(reported), "notified": notify})
+    return len(reported)
+
+
+def refusal_status(reason: str) -> str:
+    """The status code in a refusal ("5.1.1", else "550"), "" if none: the only part of a
+    remote server's answer we repeat to staff. Its text is chosen by whoever wrote the
+    bounce, and a forged bounce to a genuine VERP address must not speak in our name."""
+    found = _ENHANCED_STATUS.search(reason) or _BASIC_STATUS.search(reason)
+    return found.group(0) if found else ""
+
+
+_ENHANCED_STATUS = re.compile(r"\b[245]\.\d{1,3}\.\d{1,3}\b")
+_BASIC_STATUS = re.compile(r"\b[45]\d\d\b")
+
+
+def mail_failed(runtime: Runtime, row: OutboundMessage, reason: str) -> bool:
+    """The outbox gave up on an e-mail (the dispatcher's `on_failure`): for a link e-mail,
+    `link_failed`. Runs in the dispatcher's transaction."""
+    if row.kind != "link" or row.grant_id is None:
+        return False
+    return link_failed(runtime, row.grant_id, event=Audit.LINK_UNDELIVERABLE, reason=reason,
+                       detail={"outbound_id": row.id, "attempts": row.attempts})
+
+
+def link_failed(runtime: Runtime, grant_id: int, *, event: str, reason: str,
+                detail: dict) -> bool:
+    """A recipient's link e-mail cannot be delivered (relay refused it, or a bounce came back):
+    mark the grant, audit `event` (with `reason`, for operators) and queue one notice to the
+    sender naming only the status code. True if the grant was newly marked; a grant already
+    failed changes nothing and gets no second notice. Runs in the caller's transaction; the
+    caller wakes the dispatcher after the commit."""
+    changed = (Grant.update(delivery=Delivery.FAILED)
+               .where((Grant.id == grant_id) & (Grant.delivery != Delivery.FAILED)).execute())
+    if not changed:
+        return False
+    grant = Grant.get_by_id(grant_id)
+    share = grant.share
+    sender = share.sender
+    now = runtime.clock()
+    reason = " ".join(reason.split())[:MAX_REASON_CHARS]
+    audit.record(event, now, share=share, grant=grant, member=sender,
+                 detail={**detail, "reason": reason})
+    if runtime.settings.notifications.delivery_failure:
+        notice = compose.notice_email(runtime.settings, to=sender.email,
+                                      code=Notice.LINK_UNDELIVERABLE,
+                                      details={"address": grant.address,
+                                               "status": refusal_status(reason)},
+                                      in_reply_to=share.receipt_message_id or None, now=now)
+        outbox.enqueue(runtime, notice, kind=Mail.NOTICE, to_addr=sender.email, share=share)
+    return True
+
+
+def _plain_text(raw: bytes) -> str:
+    # The decoded text part, so a quoted-printable soft break cannot split the link.
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    body = message.get_body(("plain",))
+    return body.get_content() if body is not None else ""

@@ -1,0 +1,69 @@
+"""The purge job: what is kept only for a while — raw spooled messages of finished rows,
+ended portal sessions, spent codes and reset links — and files no row references."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from mailbridge.runtime import Runtime
+from mailbridge.shares import orphans
+from mailbridge.shares.jobs import Stop, stopped
+from mailbridge.store.blobs import StorageError
+from mailbridge.store.models import InboundMessage, OneTimeCode, PasswordReset, WebSession
+from mailbridge.store.states import FINISHED
+
+log = logging.getLogger(__name__)
+
+
+def purge(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
+    """Delete what is kept only for a while: raw spooled messages of finished rows (`[retention]
+    spool_days`; the shares keep their documents), ended portal sessions (`session_days`),
+    spent codes and reset links (`code_days`), and files no row references (left by a crash)
+    once `orphan_hours` old. Never documents of a share, shares or audit events."""
+    now = runtime.clock()
+    retention = runtime.settings.retention
+    raw = _purge_spool(runtime, now - dt.timedelta(days=retention.spool_days), now, batch, stop)
+    session_cutoff = now - dt.timedelta(days=retention.session_days)
+    # A session never signed out ends at its absolute timeout.
+    lifetime = dt.timedelta(hours=runtime.settings.web.session_absolute_hours)
+    code_cutoff = now - dt.timedelta(days=retention.code_days)
+    with runtime.db.atomic():
+        sessions = WebSession.delete().where(
+            (WebSession.ended_at < session_cutoff)
+            | (WebSession.ended_at.is_null() & (WebSession.created_at < session_cutoff - lifetime))
+        ).execute()
+        codes = OneTimeCode.delete().where((OneTimeCode.used_at < code_cutoff)
+                                           | (OneTimeCode.expires_at < code_cutoff)).execute()
+        resets = PasswordReset.delete().where((PasswordReset.used_at < code_cutoff)
+                                              | (PasswordReset.expires_at < code_cutoff)).execute()
+    orphaned = 0 if stopped(stop) else orphans.sweep(runtime, stop=stop)
+    total = raw + sessions + codes + resets + orphaned
+    if total:
+        log.info("purge: %d raw message(s), %d session(s), %d code(s), %d reset link(s), "
+                 "%d orphaned file(s)", raw, sessions, codes, resets, orphaned)
+    return total
+
+
+def _purge_spool(runtime: Runtime, cutoff: dt.datetime, now: dt.datetime, batch: int,
+                 stop: Stop = None) -> int:
+    purged, last_id = 0, 0
+    while True:
+        rows = list(InboundMessage.select(InboundMessage.id, InboundMessage.blob_id)
+                    .where(InboundMessage.state.in_(FINISHED)
+                           & InboundMessage.purged_at.is_null()
+                           & (InboundMessage.received_at < cutoff) & (InboundMessage.id > last_id))
+                    .order_by(InboundMessage.id).limit(batch))
+        for row in rows:
+            try:
+                runtime.spool.delete(row.blob_id)  # first: a crash here leaves it for next time
+            except StorageError:
+                log.warning("purge: could not delete the raw message of inbound #%d", row.id)
+                continue
+            with runtime.db.atomic():
+                purged += (InboundMessage.update(purged_at=now)
+                           .where((InboundMessage.id == row.id)
+                                  & InboundMessage.purged_at.is_null()).execute())
+        if len(rows) < batch or stopped(stop):
+            return purged
+        last_id = rows[-1].id

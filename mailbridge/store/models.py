@@ -1,0 +1,224 @@
+"""The tables: clinics and members (senders), shares with documents and per-recipient grants,
+portal accounts, the audit trail, the inbound spool and the outbound queue.
+
+All times are naive UTC. Models are bound to a database by `db.open_database`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import peewee as pw
+
+from mailbridge.store.states import Delivery, GrantState, Inbound, Outbound
+
+
+class JSONField(pw.TextField):
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, sort_keys=True)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class SchemaVersion(BaseModel):
+    version = pw.IntegerField(primary_key=True)
+    applied_at = pw.DateTimeField()
+
+
+class Clinic(BaseModel):
+    name = pw.CharField(max_length=200, unique=True)
+    timezone = pw.CharField(max_length=64, default="UTC")
+    created_at = pw.DateTimeField()
+
+
+class Member(BaseModel):
+    """Staff allowed to share: an address at a clinic."""
+
+    email = pw.CharField(max_length=320, unique=True)
+    name = pw.CharField(max_length=200)
+    clinic = pw.ForeignKeyField(Clinic, backref="members", on_delete="RESTRICT")
+    active = pw.BooleanField(default=True)
+    is_admin = pw.BooleanField(default=False)
+    created_at = pw.DateTimeField()
+
+
+class InboundMessage(BaseModel):
+    """The durable intake spool: one row per accepted message; the raw bytes are in the
+    encrypted blob store under `blob_id`."""
+
+    received_at = pw.DateTimeField()
+    channel = pw.CharField(max_length=16)  # smtp | imap
+    envelope_from = pw.CharField(max_length=320, default="")
+    envelope_to = JSONField(default=list)
+    # Where it came from: the SMTP client's IP ("" for IMAP) and how (SMTP, ESMTP, ESMTPS,
+    # IMAP); the client decides whether Authentication-Results headers can be trusted.
+    client_ip = pw.CharField(max_length=64, default="")
+    protocol = pw.CharField(max_length=16, default="")
+    size = pw.BigIntegerField()
+    blob_id = pw.CharField(max_length=64, index=True)  # the orphan sweep looks files up
+    blob_key = pw.BlobField()
+    raw_sha256 = pw.CharField(max_length=64)
+    source_key = pw.CharField(max_length=400, null=True, unique=True)  # e.g. IMAP uid
+    state = pw.CharField(max_length=16, default=Inbound.QUEUED, index=True)
+    attempts = pw.IntegerField(default=0)
+    next_attempt_at = pw.DateTimeField()
+    lease_until = pw.DateTimeField(null=True)
+    claimed_by = pw.CharField(max_length=200, default="")  # node that holds the lease
+    outcome = pw.CharField(max_length=32, default="")
+    reason = pw.TextField(default="")
+    finished_at = pw.DateTimeField(null=True)
+    purged_at = pw.DateTimeField(null=True)
+    error_sealed = pw.BlobField(default=b"")  # a traceback (phi.py): it may quote the message
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False), (("client_ip", "received_at"), False),
+                   (("envelope_from", "received_at"), False))
+
+
+class Share(BaseModel):
+    clinic = pw.ForeignKeyField(Clinic, backref="shares", on_delete="RESTRICT")
+    sender = pw.ForeignKeyField(Member, backref="shares", on_delete="RESTRICT")
+    inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL")
+    # The member's subject and note are PHI: sealed, bound to this row (phi.py).
+    title_sealed = pw.BlobField(default=b"")
+    note_sealed = pw.BlobField(default=b"")
+    created_at = pw.DateTimeField()
+    # Message-ID + content hash: the same message arriving twice makes one share.
+    dedupe_key = pw.CharField(max_length=128, unique=True)
+    reply_key_hash = pw.CharField(max_length=64, unique=True)
+    receipt_message_id = pw.CharField(max_length=400, default="")
+
+
+class Document(BaseModel):
+    share = pw.ForeignKeyField(Share, backref="documents", on_delete="CASCADE")
+    position = pw.IntegerField()
+    name_sealed = pw.BlobField(default=b"")  # the sender's filename is PHI too (phi.py)
+    kind = pw.CharField(max_length=16)  # pdf, png, ... (config.DEFAULT_ALLOWED_TYPES)
+    content_type = pw.CharField(max_length=100)
+    size = pw.BigIntegerField()
+    sha256 = pw.CharField(max_length=64)
+    blob_id = pw.CharField(max_length=64, unique=True)
+    blob_key = pw.BlobField()
+
+
+class Account(BaseModel):
+    """A recipient's portal account; the address is proven by a one-time code."""
+
+    email = pw.CharField(max_length=320, unique=True)
+    password_hash = pw.CharField(max_length=200)
+    created_at = pw.DateTimeField()
+    verified_at = pw.DateTimeField()
+
+
+class Grant(BaseModel):
+    """One recipient's access to one share: a link bound to an address, claimable until
+    `deadline`."""
+
+    share = pw.ForeignKeyField(Share, backref="grants", on_delete="CASCADE")
+    address = pw.CharField(max_length=320, index=True)
+    token_hash = pw.CharField(max_length=64, unique=True)
+    state = pw.CharField(max_length=16, default=GrantState.PENDING, index=True)
+    deadline = pw.DateTimeField(index=True)
+    created_at = pw.DateTimeField()
+    claimed_at = pw.DateTimeField(null=True)
+    account = pw.ForeignKeyField(Account, null=True, backref="grants", on_delete="SET NULL")
+    ended_at = pw.DateTimeField(null=True)  # when it was revoked or expired
+    delivery = pw.CharField(max_length=16, default=Delivery.QUEUED)
+    archived_at = pw.DateTimeField(null=True)  # the recipient moved it to "Archived"
+    reminded_at = pw.DateTimeField(null=True)  # the one reminder before the deadline
+    expiry_reported_at = pw.DateTimeField(null=True)  # told the sender it lapsed
+    first_view_reported_at = pw.DateTimeField(null=True)  # told the sender it was opened
+
+
+class OutboundMessage(BaseModel):
+    """The transactional outbox. The rendered message is sealed with the master key: receipts
+    name files and recipients."""
+
+    created_at = pw.DateTimeField()
+    kind = pw.CharField(max_length=32)  # link | receipt | notice | ...
+    share = pw.ForeignKeyField(Share, null=True, backref="outbound", on_delete="SET NULL")
+    grant = pw.ForeignKeyField(Grant, null=True, backref="outbound", on_delete="SET NULL")
+    to_addr = pw.CharField(max_length=320)
+    envelope_from = pw.CharField(max_length=320)
+    message_id = pw.CharField(max_length=400, index=True)
+    sealed = pw.BlobField()
+    state = pw.CharField(max_length=16, default=Outbound.QUEUED)
+    attempts = pw.IntegerField(default=0)
+    next_attempt_at = pw.DateTimeField()
+    lease_until = pw.DateTimeField(null=True)
+    claimed_by = pw.CharField(max_length=200, default="")  # node that holds the lease
+    last_error = pw.TextField(default="")
+    sent_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False),)
+
+
+class AuditEvent(BaseModel):
+    at = pw.DateTimeField(index=True)
+    kind = pw.CharField(max_length=48, index=True)
+    actor = pw.CharField(max_length=320, default="")
+    share = pw.ForeignKeyField(Share, null=True, backref="events", on_delete="SET NULL")
+    grant = pw.ForeignKeyField(Grant, null=True, backref="events", on_delete="SET NULL")
+    document = pw.ForeignKeyField(Document, null=True, on_delete="SET NULL")
+    member = pw.ForeignKeyField(Member, null=True, on_delete="SET NULL")
+    account = pw.ForeignKeyField(Account, null=True, on_delete="SET NULL")
+    inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL")
+    ip = pw.CharField(max_length=64, default="")
+    user_agent = pw.CharField(max_length=400, default="")
+    detail = JSONField(default=dict)
+
+
+class SeenMessage(BaseModel):
+    """A member's authenticated message that was acted on, by a key a replay cannot change
+    (replay.message_keys): the unique index makes the database refuse a second action."""
+
+    member = pw.ForeignKeyField(Member, on_delete="CASCADE")
+    key = pw.CharField(max_length=80)  # mid:/sig:/body: + SHA-256 hex
+    inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL")
+    seen_at = pw.DateTimeField()
+
+    class Meta:
+        indexes = ((("member", "key"), True),)
+
+
+class WebSession(BaseModel):
+    """A portal session; the browser holds a random id, we store only its hash."""
+
+    id_hash = pw.CharField(max_length=64, primary_key=True)
+    account = pw.ForeignKeyField(Account, null=True, backref="sessions", on_delete="CASCADE")
+    data = JSONField(default=dict)  # CSRF token, a mailbox proven by code before sign-up
+    created_at = pw.DateTimeField()
+    last_seen_at = pw.DateTimeField(index=True)
+    ended_at = pw.DateTimeField(null=True)
+    ip = pw.CharField(max_length=64, default="")
+    user_agent = pw.CharField(max_length=400, default="")
+
+
+class OneTimeCode(BaseModel):
+    """A 6-digit code e-mailed to a grant's address to prove the mailbox."""
+
+    grant = pw.ForeignKeyField(Grant, backref="codes", on_delete="CASCADE")
+    code_hash = pw.CharField(max_length=200)
+    created_at = pw.DateTimeField()
+    expires_at = pw.DateTimeField()
+    attempts = pw.IntegerField(default=0)
+    used_at = pw.DateTimeField(null=True)
+
+
+class PasswordReset(BaseModel):
+    account = pw.ForeignKeyField(Account, backref="resets", on_delete="CASCADE")
+    token_hash = pw.CharField(max_length=64, unique=True)
+    created_at = pw.DateTimeField()
+    expires_at = pw.DateTimeField()
+    used_at = pw.DateTimeField(null=True)
+
+
+ALL_MODELS = [SchemaVersion, Clinic, Member, InboundMessage, Share, Document, Account, Grant,
+              OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset, SeenMessage]

@@ -1,0 +1,155 @@
+"""Schema versions: each migration is a function applied once, in order, by `db upgrade`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import peewee
+
+from mailbridge.store import models
+
+V1_MODELS = [models.Clinic, models.Member, models.InboundMessage, models.Share,
+             models.Document, models.Account, models.Grant, models.OutboundMessage,
+             models.AuditEvent]
+
+
+def _v1_initial(db: peewee.Database, phi_key: bytes | None) -> None:
+    db.create_tables(V1_MODELS)
+
+
+def _v2_portal(db: peewee.Database, phi_key: bytes | None) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    if "archived_at" not in {c.name for c in db.get_columns("grant")}:
+        migrate(migrator.add_column("grant", "archived_at", models.Grant.archived_at))
+    db.create_tables([models.WebSession, models.OneTimeCode, models.PasswordReset])
+
+
+def _v3_lifecycle(db: peewee.Database, phi_key: bytes | None) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    present = {c.name for c in db.get_columns("grant")}
+    for name in ("reminded_at", "expiry_reported_at", "first_view_reported_at"):
+        if name not in present:
+            migrate(migrator.add_column("grant", name, getattr(models.Grant, name)))
+
+
+def _v4_intake_origin(db: peewee.Database, phi_key: bytes | None) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    present = {c.name for c in db.get_columns("inbound_message")}
+    for name in ("client_ip", "protocol"):
+        if name not in present:
+            migrate(migrator.add_column("inbound_message", name,
+                                        getattr(models.InboundMessage, name)))
+    # Version 1 creates tables from today's models, which already have the index.
+    if "inbound_message_client_ip_received_at" not in {
+            i.name for i in db.get_indexes("inbound_message")}:
+        migrate(migrator.add_index("inbound_message", ("client_ip", "received_at"), False))
+
+
+def _v5_seen_messages(db: peewee.Database, phi_key: bytes | None) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    db.create_tables([models.SeenMessage], safe=True)
+    if "inbound_message_envelope_from_received_at" not in {
+            i.name for i in db.get_indexes("inbound_message")}:
+        migrate(SchemaMigrator.from_database(db).add_index(
+            "inbound_message", ("envelope_from", "received_at"), False))
+
+
+def _v6_sealed_phi(db: peewee.Database, phi_key: bytes | None) -> None:
+    """Titles, notes and file names move into sealed columns; tracebacks of failed messages
+    too (their text may quote a message). The clear columns are dropped."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    from mailbridge.store import sealed
+
+    migrator = SchemaMigrator.from_database(db)
+    for field in (models.Share.title_sealed, models.Share.note_sealed,
+                  models.Document.name_sealed, models.InboundMessage.error_sealed):
+        table = field.model._meta.table_name
+        if field.column_name not in {c.name for c in db.get_columns(table)}:
+            migrate(migrator.add_column(table, field.column_name, field))
+    moves = ((models.Share, "title", "title_sealed", "title"),
+             (models.Share, "note_html", "note_sealed", "note"),
+             (models.Document, "filename", "name_sealed", "name"))
+    for model, old, new, column in moves:
+        table = model._meta.table_name
+        if old not in {c.name for c in db.get_columns(table)}:
+            continue
+        rows = db.execute_sql(f'SELECT id, "{old}" FROM "{table}"').fetchall()  # noqa: S608
+        for row_id, text in rows:
+            if text:
+                model.update({new: sealed.seal_text(_key(phi_key), table, column, row_id, text)}
+                             ).where(model.id == row_id).execute()
+        migrate(migrator.drop_column(table, old))
+    failed = (models.InboundMessage.select(models.InboundMessage.id, models.InboundMessage.reason)
+              .where(models.InboundMessage.reason.startswith("Traceback")))
+    for row in failed:
+        error = sealed.seal_text(_key(phi_key), "inbound_message", "error", row.id, row.reason)
+        (models.InboundMessage.update(
+            error_sealed=error,
+            reason=f"unexpected error; see `mailbridge spool show {row.id}`")
+         .where(models.InboundMessage.id == row.id).execute())
+
+
+class KeyNeeded(RuntimeError):
+    """A migration must seal existing rows and was given no key."""
+
+
+def _key(phi_key: bytes | None) -> bytes:
+    if phi_key is None:
+        raise KeyNeeded("sealing existing rows needs the master key")
+    return phi_key
+
+
+def _v7_blob_index(db: peewee.Database, phi_key: bytes | None) -> None:
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    # Version 1 creates tables from today's models, which already have the index.
+    if "inbound_message_blob_id" not in {i.name for i in db.get_indexes("inbound_message")}:
+        migrate(SchemaMigrator.from_database(db).add_index("inbound_message", ("blob_id",),
+                                                           False))
+
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, bytes | None], None]]] = [
+    (1, "initial tables", _v1_initial),
+    (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
+    (3, "reminders and sender notifications on grants", _v3_lifecycle),
+    (4, "where each inbound message came from (client IP, protocol)", _v4_intake_origin),
+    (5, "members' messages acted on (a replay is refused by the database); per-sender budgets",
+     _v5_seen_messages),
+    (6, "titles, notes, file names and error text sealed (PHI at rest)", _v6_sealed_phi),
+    (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(db: peewee.Database) -> int:
+    if not models.SchemaVersion.table_exists():
+        return 0
+    row = models.SchemaVersion.select(peewee.fn.MAX(models.SchemaVersion.version)).scalar()
+    return row or 0
+
+
+def upgrade(db: peewee.Database, now, phi_key: bytes | None = None) -> list[str]:
+    """Apply pending migrations; returns their descriptions. Safe to run repeatedly.
+    `phi_key` (Runtime.phi_key) is needed when existing rows must be sealed."""
+    applied = []
+    with db.atomic():
+        db.create_tables([models.SchemaVersion], safe=True)
+        version = current_version(db)
+        for number, description, apply in MIGRATIONS:
+            if number > version:
+                apply(db, phi_key)
+                models.SchemaVersion.create(version=number, applied_at=now)
+                applied.append(f"{number}: {description}")
+    if applied and isinstance(db, peewee.SqliteDatabase):
+        # Values just sealed must not linger in clear in the write-ahead log.
+        db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    return applied

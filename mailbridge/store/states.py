@@ -1,0 +1,123 @@
+"""The names stored in state columns, audit events and outbox rows, in one place: a typo is a
+NameError, not a state nobody checks for. StrEnum members are the plain strings in the
+database, so queries and rows compare with them directly."""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+
+
+class Inbound(StrEnum):
+    """A spooled message (`inbound_message.state`)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+FINISHED = (Inbound.DONE, Inbound.IGNORED, Inbound.REJECTED, Inbound.FAILED)
+
+
+class GrantState(StrEnum):
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+LIVE = (GrantState.PENDING, GrantState.CLAIMED)
+
+
+class Delivery(StrEnum):
+    """What became of a grant's link e-mail (`grant.delivery`)."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Outbound(StrEnum):
+    """An e-mail in the outbox (`outbound_message.state`)."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Mail(StrEnum):
+    """Kinds of e-mail we send (`outbound_message.kind`)."""
+
+    LINK = "link"
+    REMINDER = "reminder"
+    CODE = "code"
+    RESET = "reset"
+    REVOKED = "revoked"
+    RECEIPT = "receipt"
+    NOTICE = "notice"
+    REPLY = "reply"
+    FIRST_VIEW = "first_view"
+    EXPIRY_SUMMARY = "expiry_summary"
+
+
+# To recipients and about their account: no PHI in them, so they may travel in clear.
+NO_PHI_MAIL = (Mail.LINK, Mail.REMINDER, Mail.CODE, Mail.RESET, Mail.REVOKED)
+# Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
+VERP_MAIL = (Mail.LINK, Mail.REMINDER)
+
+
+class Audit(StrEnum):
+    """Audit event kinds (`audit_event.kind`)."""
+
+    # intake and sender trust
+    SHARE_CREATED = "share_created"
+    GRANT_CREATED = "grant_created"
+    SHARE_REJECTED = "share_rejected"
+    SENDER_UNAUTHENTICATED = "sender_unauthenticated"
+    AUTHENTICATION_FORGED = "authentication_forged"
+    MESSAGE_REPEATED = "message_repeated"
+    # managing a share
+    REPLY_COMMAND = "reply_command"
+    REPLY_REFUSED = "reply_refused"
+    STATUS_SENT = "status_sent"
+    HELP_SENT = "help_sent"
+    GRANT_REVOKED = "grant_revoked"
+    SHARE_REVOKED = "share_revoked"
+    LINKS_RESENT = "links_resent"
+    DEADLINE_EXTENDED = "deadline_extended"
+    # jobs and delivery
+    GRANT_EXPIRED = "grant_expired"
+    REMINDER_SENT = "reminder_sent"
+    EXPIRY_REPORTED = "expiry_reported"
+    LINK_UNDELIVERABLE = "link_undeliverable"
+    LINK_BOUNCED = "link_bounced"
+    # the portal
+    LINK_SHOWN = "link_shown"
+    CODE_SENT = "code_sent"
+    CODE_FAILED = "code_failed"
+    CODE_VERIFIED = "code_verified"
+    ACCOUNT_CREATED = "account_created"
+    CLAIMED = "claimed"
+    SIGNED_IN = "signed_in"
+    SIGN_IN_FAILED = "sign_in_failed"
+    SIGNED_OUT = "signed_out"
+    PASSWORD_RESET_REQUESTED = "password_reset_requested"
+    PASSWORD_RESET = "password_reset"
+    PASSWORD_CHANGED = "password_changed"
+    SHARE_ARCHIVED = "share_archived"
+    SHARE_RESTORED = "share_restored"
+    DOCUMENT_VIEWED = "document_viewed"
+    DOCUMENT_DOWNLOADED = "document_downloaded"
+    ACCESS_DENIED = "access_denied"
+
+
+def grant_state(state: str, deadline: dt.datetime, now: dt.datetime) -> GrantState:
+    """The state that counts now: a pending grant past its deadline is expired, whether or
+    not the expiry job has run yet (a stopped scheduler can never extend access)."""
+    if state == GrantState.PENDING and deadline <= now:
+        return GrantState.EXPIRED
+    return GrantState(state)
