@@ -256,11 +256,16 @@ class PostfixInstance:
     def clear_queue(self) -> None:
         _run("postsuper", "-c", str(self.conf), "-d", "ALL")
 
-    def wait_log(self, pattern: str, *, count: int = 1, timeout: float = 15.0) -> list[str]:
-        """Log lines matching the regex `pattern`, once at least `count` exist."""
+    def mark(self) -> int:
+        """Where the log ends now: pass as `since` to look only at what comes after."""
+        return len(self.log)
+
+    def wait_log(self, pattern: str, *, count: int = 1, since: int = 0,
+                 timeout: float = 15.0) -> list[str]:
+        """Log lines (after `since`) matching the regex `pattern`, once `count` exist."""
         deadline = time.monotonic() + timeout
         while True:
-            lines = [line for line in self.log.splitlines() if re.search(pattern, line)]
+            lines = [line for line in self.log[since:].splitlines() if re.search(pattern, line)]
             if len(lines) >= count:
                 return lines
             if time.monotonic() > deadline:
@@ -268,11 +273,12 @@ class PostfixInstance:
                                    f"log ends:\n" + "\n".join(self.log.splitlines()[-20:]))
             time.sleep(0.1)
 
-    def wait_delivered(self, count: int = 1, timeout: float = 15.0) -> list[str]:
-        """Wait for `count` deliveries to mailbridge in total, then for an empty queue."""
+    def wait_delivered(self, count: int = 1, *, since: int = 0,
+                       timeout: float = 15.0) -> list[str]:
+        """Wait for `count` deliveries to mailbridge (after `since`), then an empty queue."""
         relay = "lmtp" if self.transport == "lmtp" else "smtp"
         lines = self.wait_log(rf"postfix-test/{relay}\[\d+\]: .* status=sent", count=count,
-                              timeout=timeout)
+                              since=since, timeout=timeout)
         self.wait_queue_empty(timeout)
         return lines
 
