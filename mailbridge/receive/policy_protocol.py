@@ -147,9 +147,10 @@ class PolicyServer:
                 return
             if request is None:
                 return  # closed or idle between requests: Postfix reconnects when it needs us
-            writer.write(format_response(await self._decision(request)))
+            action = await self._decision(request)
+            self.requests_answered += 1  # counted before the peer can see the answer
+            writer.write(format_response(action))
             await writer.drain()
-            self.requests_answered += 1
 
     async def _request(self, reader: asyncio.StreamReader) -> dict[str, str] | None:
         """The next request; None when the peer closed or stayed idle between requests."""
