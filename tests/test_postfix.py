@@ -17,7 +17,7 @@ from email.utils import make_msgid
 import pytest
 
 from mailbridge.models import AuditEvent, InboundMessage, Share
-from tests import postfix
+from tests import milters, postfix
 from tests.conftest import SHARING, free_port, start_service
 from tests.dkim_helpers import DkimKeyring, sign
 from tests.helpers import MEMBER, add_jane, share_message, wire
@@ -66,8 +66,8 @@ def mta(tmp_path_factory, keyring):
     try:
         with SmtpSink() as sink, \
                 StubDns({"_dmarc.clinic.example": "v=DMARC1; p=reject"}) as dns, \
-                postfix.OpenDkim(directory, mx_keys) as dkim, \
-                postfix.OpenDmarc(directory, dns) as dmarc:
+                milters.OpenDkim(directory, mx_keys) as dkim, \
+                milters.OpenDmarc(directory, dns) as dmarc:
             mb = start_service(data, f"sqlite:///{data / 'mailbridge.db'}", sink, keyring)
             try:
                 add_jane()
