@@ -34,6 +34,7 @@ class Runtime:
     spool: BlobStore         # raw inbound messages (they contain the documents too)
     outbox_key: bytes        # seals rendered outbound messages in the database
     phi_key: bytes           # seals titles, notes and file names in the database
+    audit_key: bytes         # chains the audit trail (HMAC)
     web_key: bytes           # signs CSRF tokens and device cookies
     clock: Clock = system_clock
     # DKIM key lookups; None means real DNS. Tests inject a resolver serving their own keys.
@@ -52,6 +53,7 @@ def build_runtime(settings: Settings, *, clock: Clock = system_clock,
         spool=LocalBlobStore(settings.spool_dir, derive_key(key, "spool")),
         outbox_key=derive_key(key, "outbox"),
         phi_key=derive_key(key, "phi"),
+        audit_key=derive_key(key, "audit"),
         web_key=derive_key(key, "web"),
         clock=clock,
         dnsfunc=dnsfunc,

@@ -29,7 +29,7 @@ def init(ctx: Context) -> None:
         else:
             click.echo(f"master key {key_path} already exists; kept")
     runtime = ctx.runtime
-    applied = schema.upgrade(runtime.db, system_clock(), runtime.phi_key)
+    applied = schema.upgrade(runtime.db, system_clock(), runtime)
     click.echo("database schema: " + (", ".join(applied) if applied else "already current"))
     tightened = make_private(settings.service.data_dir)
     if tightened:
@@ -60,7 +60,7 @@ def db() -> None:
 @pass_ctx
 def db_upgrade(ctx: Context) -> None:
     """Apply pending schema migrations."""
-    applied = schema.upgrade(ctx.runtime.db, system_clock(), ctx.runtime.phi_key)
+    applied = schema.upgrade(ctx.runtime.db, system_clock(), ctx.runtime)
     click.echo("applied: " + ", ".join(applied) if applied else "schema already current")
 
 

@@ -23,7 +23,8 @@ def ignore(runtime: Runtime, row: InboundMessage, outcome: Ignore,
     now = runtime.clock()
     with runtime.db.atomic():
         if member is not None:
-            audit.record(Audit.SENDER_UNAUTHENTICATED, now, actor=member.email, member=member,
+            audit.record(runtime.audit_key, Audit.SENDER_UNAUTHENTICATED, now, actor=member.email,
+                         member=member,
                          inbound=row, detail={"reason": outcome.reason})
         inbound.conclude(row, Inbound.IGNORED, "ignore", outcome.reason, now)
     inbound.discard_raw(runtime.db, runtime.spool, row, runtime.clock())
@@ -36,7 +37,8 @@ def repeat(runtime: Runtime, row: InboundMessage, member: Member) -> Ignore:
     outcome = Ignore("a repeat of a message already acted on")
     now = runtime.clock()
     with runtime.db.atomic():
-        audit.record(Audit.MESSAGE_REPEATED, now, actor=member.email, member=member, inbound=row)
+        audit.record(runtime.audit_key, Audit.MESSAGE_REPEATED, now, actor=member.email,
+                     member=member, inbound=row)
         inbound.conclude(row, Inbound.IGNORED, "repeat", outcome.reason, now)
     inbound.discard_raw(runtime.db, runtime.spool, row, runtime.clock())
     log.info("inbound #%d: a repeat of a message already acted on; nothing done", row.id)
@@ -47,7 +49,8 @@ def record_forgery(runtime: Runtime, row: InboundMessage, member: Member, count:
     """Authentication-Results claiming our trusted MTA's id where it cannot have written them:
     ignored by `senders`, kept here as evidence."""
     with runtime.db.atomic():
-        audit.record(Audit.AUTHENTICATION_FORGED, runtime.clock(), actor=member.email,
+        audit.record(runtime.audit_key, Audit.AUTHENTICATION_FORGED, runtime.clock(),
+                     actor=member.email,
                      member=member, inbound=row, detail={"fields": count})
     log.warning("inbound #%d: %d forged Authentication-Results field(s) ignored", row.id, count)
 
@@ -61,7 +64,8 @@ def reject(runtime: Runtime, row: InboundMessage, outcome: Reject, member: Membe
     with runtime.db.atomic():
         seen.remember(member, keys, row, now)
         outbox.enqueue(runtime, notice, kind=Mail.NOTICE, to_addr=member.email)
-        audit.record(Audit.SHARE_REJECTED, now, actor=member.email, member=member, inbound=row,
+        audit.record(runtime.audit_key, Audit.SHARE_REJECTED, now, actor=member.email,
+                     member=member, inbound=row,
                      detail={"code": outcome.code})
         inbound.conclude(row, Inbound.REJECTED, outcome.code, outcome.reason, now)
     runtime.wake_dispatcher.set()

@@ -63,7 +63,8 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
         share = Share.create(clinic=clinic, sender=member, inbound=row, created_at=now,
                              dedupe_key=key, reply_key_hash=tokens.hash_token(reply_key))
         sealed.seal_share(runtime.phi_key, share, request.title, request.note_html)
-        audit.record(Audit.SHARE_CREATED, now, actor=member.email, share=share, member=member,
+        audit.record(runtime.audit_key, Audit.SHARE_CREATED, now, actor=member.email, share=share,
+                     member=member,
                      inbound=row, detail={"documents": len(blobs),
                                           "recipients": len(request.recipients),
                                           "protocol": row.protocol})
@@ -79,7 +80,8 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
             grant = Grant.create(share=share, address=address,
                                  token_hash=tokens.hash_token(token), deadline=deadline,
                                  created_at=now)
-            audit.record(Audit.GRANT_CREATED, now, actor=member.email, share=share, grant=grant)
+            audit.record(runtime.audit_key, Audit.GRANT_CREATED, now, actor=member.email,
+                         share=share, grant=grant)
             link = compose.link_email(settings, to=address,
                                       link_url=compose.link_url(settings.service.base_url, token),
                                       clinic_name=clinic.name, sender_name=member.name,

@@ -44,7 +44,8 @@ def expire_grants(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
                            .where((Grant.id == grant.id) & (Grant.state == GrantState.PENDING))
                            .execute())
                 if changed:
-                    audit.record(Audit.GRANT_EXPIRED, now, share=grant.share_id, grant=grant)
+                    audit.record(runtime.audit_key, Audit.GRANT_EXPIRED, now,
+                                 share=grant.share_id, grant=grant)
                     total += 1
         if len(due) < batch or stopped(stop):
             break

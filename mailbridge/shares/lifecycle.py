@@ -87,7 +87,8 @@ def revoke(runtime: Runtime, share: Share, *, address: str | None = None,
             lines.append(f"{grant.address}: access withdrawn"
                          + (" (had claimed the documents)" if was == GrantState.CLAIMED else
                             " (had not claimed the link yet)"))
-            audit.record(Audit.GRANT_REVOKED, now, actor=actor, share=share, grant=grant,
+            audit.record(runtime.audit_key, Audit.GRANT_REVOKED, now, actor=actor, share=share,
+                         grant=grant,
                          detail={"was": was})
             if settings.notifications.recipient_revoked and grant.delivery != Delivery.FAILED:
                 notice = compose.recipient_revoked_email(
@@ -96,7 +97,7 @@ def revoke(runtime: Runtime, share: Share, *, address: str | None = None,
                 outbox.enqueue(runtime, notice, kind=Mail.REVOKED, to_addr=grant.address,
                                share=share, grant=grant)
         if address is None and changed:
-            audit.record(Audit.SHARE_REVOKED, now, actor=actor, share=share,
+            audit.record(runtime.audit_key, Audit.SHARE_REVOKED, now, actor=actor, share=share,
                          detail={"grants": len(changed)})
     return Result(_revoke_summary(changed, address), tuple(lines), tuple(changed))
 
@@ -154,7 +155,8 @@ def resend(runtime: Runtime, share: Share, *, address: str | None = None,
                 continue
             changed.append(grant.address)
             lines.append(f"{grant.address}: new link sent, can be claimed until {when}")
-            audit.record(Audit.LINKS_RESENT, now, actor=actor, share=share, grant=grant,
+            audit.record(runtime.audit_key, Audit.LINKS_RESENT, now, actor=actor, share=share,
+                         grant=grant,
                          detail={"was": was})
             link = compose.link_email(settings, to=grant.address,
                                       link_url=compose.link_url(settings.service.base_url, token),
@@ -204,7 +206,8 @@ def extend(runtime: Runtime, share: Share, *, hours: float | None = None,
                 continue
             changed.append(grant.address)
             lines.append(f"{grant.address}: can now be claimed until {local_text(deadline, tz)}")
-            audit.record(Audit.DEADLINE_EXTENDED, now, actor=actor, share=share, grant=grant,
+            audit.record(runtime.audit_key, Audit.DEADLINE_EXTENDED, now, actor=actor,
+                         share=share, grant=grant,
                          detail={"hours": added, "deadline": deadline.isoformat()})
     capped = " (the most allowed)" if added < wanted else ""
     if changed:

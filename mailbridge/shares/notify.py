@@ -48,7 +48,7 @@ def remind(runtime: Runtime, grant_id: int) -> bool:
                    .execute())
         if not changed:
             return False
-        audit.record(Audit.REMINDER_SENT, now, share=share, grant=grant,
+        audit.record(runtime.audit_key, Audit.REMINDER_SENT, now, share=share, grant=grant,
                      detail={"with_link": link is not None})
         outbox.enqueue(runtime, message, kind=Mail.REMINDER, to_addr=grant.address, share=share,
                        grant=grant)
@@ -130,7 +130,7 @@ def expiry_summary(runtime: Runtime, share_id: int) -> int:
                 in_reply_to=share.receipt_message_id or None, now=now)
             outbox.enqueue(runtime, message, kind=Mail.EXPIRY_SUMMARY, to_addr=sender.email,
                            share=share)
-        audit.record(Audit.EXPIRY_REPORTED, now, share=share,
+        audit.record(runtime.audit_key, Audit.EXPIRY_REPORTED, now, share=share,
                      detail={"recipients": len(reported), "notified": notify})
     return len(reported)
 
@@ -172,7 +172,7 @@ def link_failed(runtime: Runtime, grant_id: int, *, event: str, reason: str,
     sender = share.sender
     now = runtime.clock()
     reason = " ".join(reason.split())[:MAX_REASON_CHARS]
-    audit.record(event, now, share=share, grant=grant, member=sender,
+    audit.record(runtime.audit_key, event, now, share=share, grant=grant, member=sender,
                  detail={**detail, "reason": reason})
     if runtime.settings.notifications.delivery_failure:
         notice = compose.notice_email(runtime.settings, to=sender.email,

@@ -132,9 +132,11 @@ def handle_reply(runtime: Runtime, row: InboundMessage, message: EmailMessage,
             thread_subject=_subject(message), now=now)
         outbox.enqueue(runtime, answer, kind=Mail.REPLY, to_addr=member.email, share=share)
         if event:
-            audit.record(event, now, actor=member.email, share=share, member=member,
+            audit.record(runtime.audit_key, event, now, actor=member.email, share=share,
+                         member=member,
                          inbound=row)
-        audit.record(ANSWERED, now, actor=member.email, share=share, member=member,
+        audit.record(runtime.audit_key, ANSWERED, now, actor=member.email, share=share,
+                     member=member,
                      inbound=row, detail={"command": command.name,
                                           "recognised": command.recognised})
         inbound.conclude(row, Inbound.DONE, "command", f"{command.name} for share #{share.id}", now)
@@ -200,7 +202,8 @@ def _refuse(runtime: Runtime, row: InboundMessage, message: EmailMessage, member
     with runtime.db.atomic():
         seen.remember(member, keys, row, now)
         outbox.enqueue(runtime, notice, kind=Mail.NOTICE, to_addr=member.email)
-        audit.record(Audit.REPLY_REFUSED, now, actor=member.email, member=member, share=share,
+        audit.record(runtime.audit_key, Audit.REPLY_REFUSED, now, actor=member.email,
+                     member=member, share=share,
                      inbound=row, detail={"reason": code})
         inbound.conclude(row, Inbound.REJECTED, code, reason, now)
     outbox.notify(runtime)

@@ -1,14 +1,185 @@
-"""The audit trail: every state change and every view or download becomes one row."""
+"""The audit trail: every state change and every view or download becomes one event, and the
+events form a chain that shows tampering (HIPAA 164.312(b), (c)). Each event's MAC
+(HMAC-SHA256, a key derived from the master key) covers its own content and the MAC of the
+event before it, so an edited, deleted, inserted or reordered event breaks the chain at that
+point. Appending locks the one chain-head row in the writer's transaction: writers on any
+number of processes and nodes take turns, and every event gets the next place."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
-from mailbridge.store.models import AuditEvent
+from mailbridge.store.models import AuditCheckpoint, AuditEvent, AuditHead
+
+REFS = ("share", "grant", "document", "member", "account", "inbound")
+BATCH = 5000  # events read per page
+INSERT_BATCH = 1000  # events per INSERT (SQLite allows 32766 bound values)
 
 
-def record(kind: str, at: dt.datetime, *, actor: str = "", detail: dict | None = None,
-           **refs) -> AuditEvent:
-    """Write one event inside the caller's transaction. `refs` are model foreign keys
+def record(key: bytes, kind: str, at: dt.datetime, *, actor: str = "",
+           detail: dict | None = None, **refs) -> AuditEvent:
+    """Append one event, inside the caller's transaction. `refs` are model foreign keys
     (share=, grant=, document=, member=, account=, inbound=) and ip=, user_agent=."""
-    return AuditEvent.create(kind=kind, at=at, actor=actor, detail=detail or {}, **refs)
+    [event] = record_many(key, [dict(kind=kind, at=at, actor=actor, detail=detail or {},
+                                     **refs)])
+    return event
+
+
+def record_many(key: bytes, events: Iterable[dict]) -> list[AuditEvent]:
+    """Append several events in order (the set-based jobs write thousands at once); each
+    dict holds `record`'s arguments. Runs in the caller's transaction. Returns the row only
+    when there was one event (bulk inserts do not hand rows back)."""
+    db = AuditEvent._meta.database
+    with db.atomic():
+        head = _locked_head()
+        seq, mac = head.seq, head.mac
+        rows = []
+        for values in events:
+            row = _row(values)
+            seq += 1
+            row["seq"] = seq
+            row["mac"] = mac = link(key, mac, row)
+            rows.append(row)
+        if not rows:
+            return []
+        if len(rows) == 1:  # the common case: hand back the row
+            created = [AuditEvent.create(**rows[0])]
+        else:
+            created = []
+            for start in range(0, len(rows), INSERT_BATCH):
+                AuditEvent.insert_many(rows[start:start + INSERT_BATCH]).execute()
+        AuditHead.update(seq=seq, mac=mac).where(AuditHead.id == head.id).execute()
+    return created
+
+
+def link(key: bytes, previous_mac: str, row: dict) -> str:
+    """The MAC of an event (its stored fields as a dict) following `previous_mac`."""
+    return hmac.new(key, previous_mac.encode() + b"\0" + canonical(row),
+                    hashlib.sha256).hexdigest()
+
+
+def canonical(row: dict) -> bytes:
+    """What an event's MAC covers, byte for byte the same whichever database stored it."""
+    at = row["at"]
+    content = {
+        "seq": int(row["seq"]), "at": at.isoformat(timespec="microseconds"),
+        "kind": str(row["kind"]), "actor": row.get("actor") or "",
+        "ip": row.get("ip") or "", "user_agent": row.get("user_agent") or "",
+        "detail": row.get("detail") or {},
+        **{ref: _id(row.get(ref)) for ref in REFS},
+    }
+    return json.dumps(content, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode()
+
+
+def _id(value) -> int | None:
+    if value is None:
+        return None
+    return int(getattr(value, "id", value))
+
+
+def _row(values: dict) -> dict:
+    row = {"kind": str(values["kind"]), "at": values["at"], "actor": values.get("actor") or "",
+           "detail": values.get("detail") or {}, "ip": values.get("ip") or "",
+           "user_agent": values.get("user_agent") or ""}
+    for ref in REFS:
+        row[ref] = _id(values.get(ref))
+    unknown = set(values) - set(row)
+    if unknown:
+        raise TypeError(f"unknown audit fields: {sorted(unknown)}")
+    return row
+
+
+def _locked_head() -> AuditHead:
+    query = AuditHead.select().where(AuditHead.id == 1)
+    # PostgreSQL locks the row until the transaction ends; SQLite's write transactions
+    # (IMMEDIATE) already hold the whole database.
+    if AuditHead._meta.database.for_update:
+        query = query.for_update()
+    head = query.first()
+    if head is None:  # the first event ever (the migration creates the row as well)
+        head = AuditHead.create(id=1, seq=0, mac="")
+    return head
+
+
+def stored(event: AuditEvent) -> dict:
+    """An event read back, in the form its MAC was computed over."""
+    row = {"seq": event.seq, "at": event.at, "kind": event.kind, "actor": event.actor,
+           "ip": event.ip, "user_agent": event.user_agent, "detail": event.detail}
+    for ref in REFS:
+        row[ref] = getattr(event, f"{ref}_id")
+    return row
+
+
+# --- reading the chain ---------------------------------------------------------------------
+
+
+def walk(since_seq: int = 0) -> Iterator[AuditEvent]:
+    """Events in chain order from `since_seq` on, a page at a time (constant memory on any
+    database)."""
+    last = since_seq - 1
+    while True:
+        page = list(AuditEvent.select().where(AuditEvent.seq > last)
+                    .order_by(AuditEvent.seq).limit(BATCH))
+        yield from page
+        if len(page) < BATCH:
+            return
+        last = page[-1].seq
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    checked: int
+    event_id: int | None = None  # the first bad event
+    problem: str = ""
+
+
+def sign_checkpoint(key: bytes, seq: int, mac: str) -> str:
+    return hmac.new(key, f"checkpoint\0{seq}\0{mac}".encode(), hashlib.sha256).hexdigest()
+
+
+def verify(key: bytes, since: dt.datetime | None = None) -> Verdict:
+    """Walk the chain (from the latest pruning checkpoint) and recompute every MAC. With
+    `since`, events before it are still linked but not counted."""
+    checkpoint = AuditCheckpoint.select().order_by(AuditCheckpoint.seq.desc()).first()
+    expected_seq, previous_mac, previous_id = 1, "", 0
+    if checkpoint is not None:
+        if not hmac.compare_digest(checkpoint.signature,
+                                   sign_checkpoint(key, checkpoint.seq, checkpoint.mac)):
+            return Verdict(False, 0, None, f"the pruning checkpoint at event {checkpoint.seq} "
+                           "is not genuine")
+        expected_seq, previous_mac = checkpoint.seq + 1, checkpoint.mac
+    checked = 0
+    for event in walk(expected_seq):
+        if event.seq != expected_seq:
+            return Verdict(False, checked, event.id,
+                           f"missing: the event(s) before it (chain places {expected_seq} to "
+                           f"{event.seq - 1}) are gone")
+        if event.id < previous_id:
+            return Verdict(False, checked, event.id,
+                           "out of order: it was moved before an event written earlier")
+        if not hmac.compare_digest(event.mac, link(key, previous_mac, stored(event))):
+            return Verdict(False, checked, event.id,
+                           "content changed: it is not what was written")
+        if since is None or event.at >= since:
+            checked += 1
+        expected_seq, previous_mac, previous_id = event.seq + 1, event.mac, event.id
+    head = AuditHead.get_or_none(AuditHead.id == 1)
+    if head is not None and head.seq >= expected_seq:
+        return Verdict(False, checked, None,
+                       f"missing: the last event(s) (chain places {expected_seq} to "
+                       f"{head.seq}) are gone")
+    if head is not None and head.seq == expected_seq - 1 and head.mac != previous_mac:
+        return Verdict(False, checked, None, "the chain's head does not match its last event")
+    return Verdict(True, checked)
+
+
+def head() -> tuple[int, str]:
+    row = AuditHead.get_or_none(AuditHead.id == 1)
+    return (row.seq, row.mac) if row is not None else (0, "")

@@ -32,9 +32,17 @@ class SchemaVersion(BaseModel):
 
 
 class Clinic(BaseModel):
+    """A clinic and its own policy. Empty policy values fall back to the configuration."""
+
     name = pw.CharField(max_length=200, unique=True)
     timezone = pw.CharField(max_length=64, default="UTC")
     created_at = pw.DateTimeField()
+    display_name = pw.CharField(max_length=200, default="")  # "Riverside PT" in From names
+    contact = pw.CharField(max_length=200, default="")  # "Front desk: (555) 010-0200"
+    claim_hours = pw.FloatField(null=True)
+    remind_before_hours = pw.FloatField(null=True)
+    document_retention_days = pw.FloatField(null=True)  # None: kept for good
+    legal_hold = pw.BooleanField(default=False)  # nothing of the clinic's is purged
 
 
 class Member(BaseModel):
@@ -93,6 +101,8 @@ class Share(BaseModel):
     dedupe_key = pw.CharField(max_length=128, unique=True)
     reply_key_hash = pw.CharField(max_length=64, unique=True)
     receipt_message_id = pw.CharField(max_length=400, default="")
+    legal_hold = pw.BooleanField(default=False)  # never purged while set
+    purged_at = pw.DateTimeField(null=True)  # documents crypto-shredded under retention
 
 
 class Document(BaseModel):
@@ -134,6 +144,7 @@ class Grant(BaseModel):
     reminded_at = pw.DateTimeField(null=True)  # the one reminder before the deadline
     expiry_reported_at = pw.DateTimeField(null=True)  # told the sender it lapsed
     first_view_reported_at = pw.DateTimeField(null=True)  # told the sender it was opened
+    removed_at = pw.DateTimeField(null=True)  # the recipient removed it from the library
 
 
 class OutboundMessage(BaseModel):
@@ -161,6 +172,11 @@ class OutboundMessage(BaseModel):
 
 
 class AuditEvent(BaseModel):
+    """One event of the audit trail, chained: `mac` covers its content and the `mac` of the
+    event before it (`seq` - 1), so an edit, deletion, insertion or reordering shows."""
+
+    seq = pw.BigIntegerField(unique=True)
+    mac = pw.CharField(max_length=64)
     at = pw.DateTimeField(index=True)
     kind = pw.CharField(max_length=48, index=True)
     actor = pw.CharField(max_length=320, default="")
@@ -173,6 +189,25 @@ class AuditEvent(BaseModel):
     ip = pw.CharField(max_length=64, default="")
     user_agent = pw.CharField(max_length=400, default="")
     detail = JSONField(default=dict)
+
+
+class AuditHead(BaseModel):
+    """The chain's last link (one row): appending reads and moves it in the same transaction,
+    locked, so events from any number of processes and nodes form one chain."""
+
+    seq = pw.BigIntegerField(default=0)
+    mac = pw.CharField(max_length=64, default="")
+
+
+class AuditCheckpoint(BaseModel):
+    """Events up to `seq` were pruned under `[retention] audit_days`; `mac` is the last pruned
+    event's, `signature` vouches for both, so `audit verify` starts here."""
+
+    seq = pw.BigIntegerField(unique=True)
+    mac = pw.CharField(max_length=64)
+    at = pw.DateTimeField()
+    pruned = pw.BigIntegerField()
+    signature = pw.CharField(max_length=64)
 
 
 class SeenMessage(BaseModel):
@@ -221,4 +256,5 @@ class PasswordReset(BaseModel):
 
 
 ALL_MODELS = [SchemaVersion, Clinic, Member, InboundMessage, Share, Document, Account, Grant,
-              OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset, SeenMessage]
+              OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset, SeenMessage,
+              AuditHead, AuditCheckpoint]

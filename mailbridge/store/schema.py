@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import peewee
 
@@ -13,11 +14,11 @@ V1_MODELS = [models.Clinic, models.Member, models.InboundMessage, models.Share,
              models.AuditEvent]
 
 
-def _v1_initial(db: peewee.Database, phi_key: bytes | None) -> None:
+def _v1_initial(db: peewee.Database, keys: Keys | None) -> None:
     db.create_tables(V1_MODELS)
 
 
-def _v2_portal(db: peewee.Database, phi_key: bytes | None) -> None:
+def _v2_portal(db: peewee.Database, keys: Keys | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     migrator = SchemaMigrator.from_database(db)
@@ -26,7 +27,7 @@ def _v2_portal(db: peewee.Database, phi_key: bytes | None) -> None:
     db.create_tables([models.WebSession, models.OneTimeCode, models.PasswordReset])
 
 
-def _v3_lifecycle(db: peewee.Database, phi_key: bytes | None) -> None:
+def _v3_lifecycle(db: peewee.Database, keys: Keys | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     migrator = SchemaMigrator.from_database(db)
@@ -36,7 +37,7 @@ def _v3_lifecycle(db: peewee.Database, phi_key: bytes | None) -> None:
             migrate(migrator.add_column("grant", name, getattr(models.Grant, name)))
 
 
-def _v4_intake_origin(db: peewee.Database, phi_key: bytes | None) -> None:
+def _v4_intake_origin(db: peewee.Database, keys: Keys | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     migrator = SchemaMigrator.from_database(db)
@@ -51,7 +52,7 @@ def _v4_intake_origin(db: peewee.Database, phi_key: bytes | None) -> None:
         migrate(migrator.add_index("inbound_message", ("client_ip", "received_at"), False))
 
 
-def _v5_seen_messages(db: peewee.Database, phi_key: bytes | None) -> None:
+def _v5_seen_messages(db: peewee.Database, keys: Keys | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     db.create_tables([models.SeenMessage], safe=True)
@@ -61,7 +62,7 @@ def _v5_seen_messages(db: peewee.Database, phi_key: bytes | None) -> None:
             "inbound_message", ("envelope_from", "received_at"), False))
 
 
-def _v6_sealed_phi(db: peewee.Database, phi_key: bytes | None) -> None:
+def _v6_sealed_phi(db: peewee.Database, keys: Keys | None) -> None:
     """Titles, notes and file names move into sealed columns; tracebacks of failed messages
     too (their text may quote a message). The clear columns are dropped."""
     from playhouse.migrate import SchemaMigrator, migrate
@@ -84,13 +85,13 @@ def _v6_sealed_phi(db: peewee.Database, phi_key: bytes | None) -> None:
         rows = db.execute_sql(f'SELECT id, "{old}" FROM "{table}"').fetchall()  # noqa: S608
         for row_id, text in rows:
             if text:
-                model.update({new: sealed.seal_text(_key(phi_key), table, column, row_id, text)}
-                             ).where(model.id == row_id).execute()
+                value = sealed.seal_text(_key(keys).phi_key, table, column, row_id, text)
+                model.update({new: value}).where(model.id == row_id).execute()
         migrate(migrator.drop_column(table, old))
     failed = (models.InboundMessage.select(models.InboundMessage.id, models.InboundMessage.reason)
               .where(models.InboundMessage.reason.startswith("Traceback")))
     for row in failed:
-        error = sealed.seal_text(_key(phi_key), "inbound_message", "error", row.id, row.reason)
+        error = sealed.seal_text(_key(keys).phi_key, "inbound_message", "error", row.id, row.reason)
         (models.InboundMessage.update(
             error_sealed=error,
             reason=f"unexpected error; see `mailbridge spool show {row.id}`")
@@ -98,16 +99,23 @@ def _v6_sealed_phi(db: peewee.Database, phi_key: bytes | None) -> None:
 
 
 class KeyNeeded(RuntimeError):
-    """A migration must seal existing rows and was given no key."""
+    """A migration must seal or chain existing rows and was given no keys."""
 
 
-def _key(phi_key: bytes | None) -> bytes:
-    if phi_key is None:
-        raise KeyNeeded("sealing existing rows needs the master key")
-    return phi_key
+class Keys(Protocol):
+    """The derived keys some migrations need (a Runtime has them)."""
+
+    phi_key: bytes
+    audit_key: bytes
 
 
-def _v7_blob_index(db: peewee.Database, phi_key: bytes | None) -> None:
+def _key(keys: Keys | None) -> Keys:
+    if keys is None:
+        raise KeyNeeded("sealing or chaining existing rows needs the master key")
+    return keys
+
+
+def _v7_blob_index(db: peewee.Database, keys: Keys | None) -> None:
     from playhouse.migrate import SchemaMigrator, migrate
 
     # Version 1 creates tables from today's models, which already have the index.
@@ -117,7 +125,43 @@ def _v7_blob_index(db: peewee.Database, phi_key: bytes | None) -> None:
 
 
 
-MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, bytes | None], None]]] = [
+def _v8_records(db: peewee.Database, keys: Keys | None) -> None:
+    """Clinic policies, retention and legal holds, recipients removing a share, and the audit
+    chain: existing events are linked in the order they were written."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    from mailbridge.store import audit
+
+    migrator = SchemaMigrator.from_database(db)
+    new_columns = (
+        models.Clinic.display_name, models.Clinic.contact, models.Clinic.claim_hours,
+        models.Clinic.remind_before_hours, models.Clinic.document_retention_days,
+        models.Clinic.legal_hold, models.Share.legal_hold, models.Share.purged_at,
+        models.Grant.removed_at)
+    for field in new_columns:
+        table = field.model._meta.table_name
+        if field.column_name not in {c.name for c in db.get_columns(table)}:
+            migrate(migrator.add_column(table, field.column_name, field))
+    db.create_tables([models.AuditHead, models.AuditCheckpoint], safe=True)
+    present = {c.name for c in db.get_columns("audit_event")}
+    if "seq" not in present:
+        migrate(migrator.add_column("audit_event", "seq", peewee.BigIntegerField(null=True)),
+                migrator.add_column("audit_event", "mac", peewee.CharField(max_length=64,
+                                                                             default="")))
+        seq, mac = 0, ""
+        for event in models.AuditEvent.select().order_by(models.AuditEvent.id):
+            seq += 1
+            row = {**audit.stored(event), "seq": seq}
+            mac = audit.link(_key(keys).audit_key, mac, row)
+            (models.AuditEvent.update(seq=seq, mac=mac)
+             .where(models.AuditEvent.id == event.id).execute())
+        migrate(migrator.add_index("audit_event", ("seq",), True))
+        models.AuditHead.insert(id=1, seq=seq, mac=mac).on_conflict_ignore().execute()
+    else:
+        models.AuditHead.insert(id=1, seq=0, mac="").on_conflict_ignore().execute()
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
     (3, "reminders and sender notifications on grants", _v3_lifecycle),
@@ -126,6 +170,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, bytes | None], None]
      _v5_seen_messages),
     (6, "titles, notes, file names and error text sealed (PHI at rest)", _v6_sealed_phi),
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
+    (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
 ]
 LATEST = MIGRATIONS[-1][0]
 
@@ -137,16 +182,16 @@ def current_version(db: peewee.Database) -> int:
     return row or 0
 
 
-def upgrade(db: peewee.Database, now, phi_key: bytes | None = None) -> list[str]:
+def upgrade(db: peewee.Database, now, keys: Keys | None = None) -> list[str]:
     """Apply pending migrations; returns their descriptions. Safe to run repeatedly.
-    `phi_key` (Runtime.phi_key) is needed when existing rows must be sealed."""
+    `keys` (a Runtime) are needed when existing rows must be sealed or chained."""
     applied = []
     with db.atomic():
         db.create_tables([models.SchemaVersion], safe=True)
         version = current_version(db)
         for number, description, apply in MIGRATIONS:
             if number > version:
-                apply(db, phi_key)
+                apply(db, keys)
                 models.SchemaVersion.create(version=number, applied_at=now)
                 applied.append(f"{number}: {description}")
     if applied and isinstance(db, peewee.SqliteDatabase):

@@ -37,7 +37,7 @@ def record(kind: str, **refs) -> None:
     """An audit event for this request (IP and user agent included), in its own transaction
     unless the caller has one open."""
     with runtime().db.atomic():
-        audit.record(kind, now(), **client(), **refs)
+        audit.record(runtime().audit_key, kind, now(), **client(), **refs)
 
 
 def require_account(view):

@@ -77,13 +77,14 @@ def authenticate(runtime: Runtime, address: str, password: str) -> Account | Thr
     now = runtime.clock()
     with runtime.db.atomic():
         if not (ok and account):
-            audit.record(Audit.SIGN_IN_FAILED, now, actor=address, account=account, ip=ip,
+            audit.record(runtime.audit_key, Audit.SIGN_IN_FAILED, now, actor=address,
+                         account=account, ip=ip,
                          user_agent=request.headers.get("User-Agent", "")[:400])
             return None
         if needs_rehash(account.password_hash):
             account.password_hash = hash_password(password)
             account.save()
-        audit.record(Audit.SIGNED_IN, now, actor=address, account=account, ip=ip,
+        audit.record(runtime.audit_key, Audit.SIGNED_IN, now, actor=address, account=account, ip=ip,
                      user_agent=request.headers.get("User-Agent", "")[:400])
     return account
 
@@ -95,7 +96,8 @@ def create_account(runtime: Runtime, address: str, password: str) -> Account:
         with runtime.db.atomic():
             account = Account.create(email=address.lower(), password_hash=hash_password(password),
                                      created_at=now, verified_at=now)
-            audit.record(Audit.ACCOUNT_CREATED, now, actor=account.email, account=account,
+            audit.record(runtime.audit_key, Audit.ACCOUNT_CREATED, now, actor=account.email,
+                         account=account,
                          ip=request.remote_addr or "",
                          user_agent=request.headers.get("User-Agent", "")[:400])
     except peewee.IntegrityError:
@@ -114,7 +116,8 @@ def claim_grant(runtime: Runtime, grant: Grant, account: Account) -> bool:
                    .where((Grant.id == grant.id) & (Grant.state == GrantState.PENDING)
                           & (Grant.deadline > now)).execute())
         if changed:
-            audit.record(GrantState.CLAIMED, now, actor=account.email, account=account,
+            audit.record(runtime.audit_key, Audit.CLAIMED, now, actor=account.email,
+                         account=account,
                          share=grant.share_id, grant=grant, ip=request.remote_addr or "",
                          user_agent=request.headers.get("User-Agent", "")[:400])
     fresh = Grant.get_by_id(grant.id)
