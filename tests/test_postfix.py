@@ -16,6 +16,7 @@ from email.utils import make_msgid
 
 import pytest
 
+from mailbridge.store import sealed
 from mailbridge.store.models import AuditEvent, InboundMessage, Share
 from tests import milters, postfix
 from tests.conftest import SHARING, free_port, start_service
@@ -82,9 +83,8 @@ def mta(tmp_path_factory, keyring):
 
 
 def shares_titled(mta, title: str) -> list[Share]:
-    from mailbridge import phi
-
-    return [s for s in Share.select() if phi.share_title(mta.mb.runtime, s) == title]
+    key = mta.mb.runtime.phi_key
+    return [s for s in Share.select() if sealed.share_title(key, s) == title]
 
 
 def last_row() -> InboundMessage:
