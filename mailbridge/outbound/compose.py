@@ -50,12 +50,14 @@ def link_email(settings: Settings, *, to: str, link_url: str, clinic_name: str,
 
 def receipt_email(settings: Settings, *, to: str, sender_name: str, share_title: str,
                   recipients: list[str], filenames: list[str], deadline_text: str,
-                  reply_address: str, in_reply_to: str | None,
+                  reply_address: str, in_reply_to: str | None, claim_hours: float | None = None,
                   templates: Path | None = None, now: dt.datetime | None = None
                   ) -> EmailMessage:
     """The receipt to the sender; replying to it (Reply-To) is how the share is managed."""
     values = dict(to=to, sender_name=_one_line(sender_name), share_title=_one_line(share_title),
                   recipients=recipients, filenames=filenames, deadline_text=deadline_text)
+    if claim_hours is not None:
+        values["claim_hours"] = f"{claim_hours:g}"
     subject, text = _render_text(settings, templates, "receipt.txt", values)
     html = _render(settings, templates, "receipt.html", values)
     return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
@@ -187,11 +189,12 @@ def _environment(directory: Path | None) -> jinja2.Environment:
 
 def _render(settings: Settings, templates: Path | None, name: str, values: dict) -> str:
     env = _environment(Path(templates) if templates is not None else None)
-    return env.get_template(name).render(
+    context = dict(
         service_name=SERVICE_NAME, sharing_address=settings.addresses.sharing,
         sharing_local=settings.sharing_local, sharing_domain=settings.sharing_domain,
-        base_url=settings.service.base_url, claim_hours=f"{settings.shares.claim_hours:g}",
-        **values)
+        base_url=settings.service.base_url, claim_hours=f"{settings.shares.claim_hours:g}")
+    context.update(values)  # a clinic's own claim hours, when the caller knows them
+    return env.get_template(name).render(**context)
 
 
 def _render_text(settings: Settings, templates: Path | None, name: str,

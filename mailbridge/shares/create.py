@@ -15,6 +15,7 @@ from mailbridge.mail.request import ParsedShare
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Done
 from mailbridge.runtime import Runtime
+from mailbridge.shares import clinics
 from mailbridge.store import audit, inbound, sealed, seen, tokens
 from mailbridge.store.blobs import StoredBlob, put_bytes
 from mailbridge.store.models import Document, Grant, InboundMessage, Member, Share
@@ -54,8 +55,9 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
             request: ParsedShare, blobs: list[StoredBlob], key: str, keys: list[str]) -> Share:
     settings = runtime.settings
     now = runtime.clock()
-    deadline = now + dt.timedelta(hours=settings.shares.claim_hours)
     clinic = member.clinic
+    rules = clinics.policy(clinic, settings)
+    deadline = now + dt.timedelta(hours=rules.claim_hours)
     when = local_text(deadline, clinic.timezone)
     reply_key = tokens.new_reply_key()
     with runtime.db.atomic():
@@ -84,7 +86,7 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
                          share=share, grant=grant)
             link = compose.link_email(settings, to=address,
                                       link_url=compose.link_url(settings.service.base_url, token),
-                                      clinic_name=clinic.name, sender_name=member.name,
+                                      clinic_name=rules.display_name, sender_name=member.name,
                                       document_count=len(blobs), deadline_text=when)
             outbox.enqueue(runtime, link, kind=Mail.LINK, to_addr=address, share=share,
                            grant=grant)
@@ -93,7 +95,7 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
             recipients=list(request.recipients),
             filenames=[a.filename for a in request.attachments], deadline_text=when,
             reply_address=f"reply+{reply_key}@{settings.addresses.reply_domain}",
-            in_reply_to=message.get("Message-ID"))
+            in_reply_to=message.get("Message-ID"), claim_hours=rules.claim_hours)
         queued = outbox.enqueue(runtime, receipt, kind=Mail.RECEIPT, to_addr=member.email,
                                 share=share)
         share.receipt_message_id = queued.message_id

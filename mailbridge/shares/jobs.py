@@ -10,11 +10,9 @@ import threading
 
 from mailbridge.outbound import outbox
 from mailbridge.runtime import Runtime
-from mailbridge.shares import notify
+from mailbridge.shares import clinics, notify
 from mailbridge.store import audit
-from mailbridge.store.models import (
-    Grant,
-)
+from mailbridge.store.models import Clinic, Grant, Share
 from mailbridge.store.states import Audit, Delivery, GrantState
 
 Stop = threading.Event | None
@@ -55,18 +53,30 @@ def expire_grants(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
 
 
 def remind_grants(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
-    """One reminder per unclaimed grant whose deadline is less than `[shares]
-    remind_before_hours` away (and not past). Links that could not be delivered get none."""
-    shares = runtime.settings.shares
-    window = shares.remind_before_hours
-    if window <= 0 or window >= shares.claim_hours:  # off, or it would follow the link at once
-        return 0
+    """One reminder per unclaimed grant whose deadline is less than its clinic's
+    `remind_before_hours` away (and not past). Links that could not be delivered get none."""
+    sent = 0
+    for clinic in Clinic.select():
+        rules = clinics.policy(clinic, runtime.settings)
+        window = rules.remind_before_hours
+        if window <= 0 or window >= rules.claim_hours:  # off, or it would follow the link
+            continue
+        sent += _remind_clinic(runtime, clinic, window, batch, stop)
+    if sent:
+        outbox.notify(runtime)
+        log.info("remind: %d reminder(s) queued", sent)
+    return sent
+
+
+def _remind_clinic(runtime: Runtime, clinic: Clinic, window: float, batch: int,
+                   stop: Stop) -> int:
     sent, last_id = 0, 0
     while True:
         now = runtime.clock()
-        due = [g.id for g in Grant.select(Grant.id)
-               .where((Grant.state == GrantState.PENDING) & Grant.reminded_at.is_null()
-                      & (Grant.delivery != Delivery.FAILED) & (Grant.deadline > now)
+        due = [g.id for g in Grant.select(Grant.id).join(Share)
+               .where((Share.clinic == clinic) & (Grant.state == GrantState.PENDING)
+                      & Grant.reminded_at.is_null() & (Grant.delivery != Delivery.FAILED)
+                      & (Grant.deadline > now)
                       & (Grant.deadline <= now + dt.timedelta(hours=window))
                       & (Grant.id > last_id))
                .order_by(Grant.id).limit(batch)]
@@ -75,12 +85,8 @@ def remind_grants(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
                 break
             sent += notify.remind(runtime, grant_id)
         if len(due) < batch or stopped(stop):
-            break
+            return sent
         last_id = due[-1]
-    if sent:
-        outbox.notify(runtime)
-        log.info("remind: %d reminder(s) queued", sent)
-    return sent
 
 
 def report_expired(runtime: Runtime, batch: int = 200, stop: Stop = None) -> int:

@@ -12,6 +12,7 @@ from mailbridge.clock import local_text
 from mailbridge.mail.addresses import normalise
 from mailbridge.outbound import compose, outbox
 from mailbridge.runtime import Runtime
+from mailbridge.shares import clinics
 from mailbridge.store import audit, sealed, tokens
 from mailbridge.store.models import AuditEvent, Document, Grant, OutboundMessage, Share
 from mailbridge.store.states import LIVE, Audit, Delivery, GrantState, Mail, grant_state
@@ -69,6 +70,7 @@ def revoke(runtime: Runtime, share: Share, *, address: str | None = None,
     if address is not None and not grants:
         return _not_a_recipient(address)
     settings = runtime.settings
+    display_name = clinics.policy(share.clinic, settings).display_name
     now = runtime.clock()
     lines, changed = [], []
     with runtime.db.atomic():
@@ -92,7 +94,7 @@ def revoke(runtime: Runtime, share: Share, *, address: str | None = None,
                          detail={"was": was})
             if settings.notifications.recipient_revoked and grant.delivery != Delivery.FAILED:
                 notice = compose.recipient_revoked_email(
-                    settings, to=grant.address, clinic_name=share.clinic.name,
+                    settings, to=grant.address, clinic_name=display_name,
                     sender_name=share.sender.name, now=now)
                 outbox.enqueue(runtime, notice, kind=Mail.REVOKED, to_addr=grant.address,
                                share=share, grant=grant)
@@ -134,7 +136,8 @@ def resend(runtime: Runtime, share: Share, *, address: str | None = None,
         return _not_a_recipient(address)
     settings = runtime.settings
     now = runtime.clock()
-    deadline = now + dt.timedelta(hours=settings.shares.claim_hours)
+    rules = clinics.policy(share.clinic, settings)
+    deadline = now + dt.timedelta(hours=rules.claim_hours)
     when = local_text(deadline, share.clinic.timezone)
     documents = share.documents.count()
     lines, changed = [], []
@@ -160,7 +163,7 @@ def resend(runtime: Runtime, share: Share, *, address: str | None = None,
                          detail={"was": was})
             link = compose.link_email(settings, to=grant.address,
                                       link_url=compose.link_url(settings.service.base_url, token),
-                                      clinic_name=share.clinic.name,
+                                      clinic_name=rules.display_name,
                                       sender_name=share.sender.name,
                                       document_count=documents, deadline_text=when, now=now)
             outbox.enqueue(runtime, link, kind=Mail.LINK, to_addr=grant.address, share=share,
@@ -183,7 +186,8 @@ def extend(runtime: Runtime, share: Share, *, hours: float | None = None,
     max(deadline, now) + hours (default `claim_hours`, at most `max_extend_hours`), and its
     reminder may be sent again. Expired links need `resend` instead."""
     limits = runtime.settings.shares
-    wanted = limits.claim_hours if hours is None else float(hours)
+    default = clinics.policy(share.clinic, runtime.settings).claim_hours
+    wanted = default if hours is None else float(hours)
     if not math.isfinite(wanted) or wanted <= 0:
         raise LifecycleError("hours must be a number more than 0")
     added = min(wanted, limits.max_extend_hours)

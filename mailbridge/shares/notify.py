@@ -19,6 +19,7 @@ from mailbridge.clock import local_text
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Notice
 from mailbridge.runtime import Runtime
+from mailbridge.shares import clinics
 from mailbridge.store import audit, tokens
 from mailbridge.store.models import Grant, OutboundMessage, Share
 from mailbridge.store.states import Audit, Delivery, GrantState, Mail
@@ -35,8 +36,9 @@ def remind(runtime: Runtime, grant_id: int) -> bool:
     share = grant.share
     timezone = share.clinic.timezone
     link, sent_at = current_link(runtime, grant)
+    display_name = clinics.policy(share.clinic, runtime.settings).display_name
     message = compose.reminder_email(
-        runtime.settings, to=grant.address, link_url=link, clinic_name=share.clinic.name,
+        runtime.settings, to=grant.address, link_url=link, clinic_name=display_name,
         sender_name=share.sender.name, document_count=share.documents.count(),
         sent_text=local_text(sent_at, timezone),
         deadline_text=local_text(grant.deadline, timezone), now=runtime.clock())

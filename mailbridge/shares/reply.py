@@ -15,7 +15,7 @@ from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Done, Notice, Outcome, Reject
 from mailbridge.runtime import Runtime
 from mailbridge.settings import Settings
-from mailbridge.shares import lifecycle
+from mailbridge.shares import clinics, lifecycle
 from mailbridge.store import audit, inbound, seen, tokens
 from mailbridge.store.models import InboundMessage, Member, OutboundMessage, Share
 from mailbridge.store.states import Audit, Inbound, Mail
@@ -149,7 +149,8 @@ def _run(runtime: Runtime, share: Share, command: Command,
          member: Member) -> tuple[dict, str | None]:
     """Carry out the command; returns the answer's template values and an extra audit kind
     (the lifecycle functions audit their own changes)."""
-    values = dict(sender_name=member.name)  # claim_hours comes with every template
+    claim_hours = clinics.policy(share.clinic, runtime.settings).claim_hours
+    values = dict(sender_name=member.name, claim_hours=f"{claim_hours:g}")
     actor = member.email
     if command.name == "status":
         return {**values, "template": "status",
