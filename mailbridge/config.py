@@ -8,31 +8,20 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import ipaddress
+import email.policy
 import os
-import re
 import tomllib
 import typing
 from pathlib import Path
-from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from email_validator import EmailNotValidError, validate_email
+from mailbridge.settings import Settings
+from mailbridge.validate import ConfigError, validate
 
-from mailbridge.settings import (
-    DEFAULT_ALLOWED_TYPES,
-    ImapSettings,
-    RelaySettings,
-    Settings,
-    SmtpSettings,
-)
+__all__ = ["MASTER_KEY_ENV", "ConfigError", "load_settings", "read_imap_password",
+           "read_master_key", "read_relay_password"]
 
 ENV_PREFIX = "MAILBRIDGE"
 MASTER_KEY_ENV = "MAILBRIDGE_MASTER_KEY"
-
-class ConfigError(Exception):
-    """A configuration problem; the message always names the key at fault."""
-
 
 # --- loading -------------------------------------------------------------------------------
 
@@ -150,8 +139,26 @@ def load_settings(path: str | os.PathLike | None,
         sections[f.name] = _build(hints[f.name], sub, (f.name,), env, origin)
     settings = Settings(**sections)
     settings = _resolve_paths(settings, base)
+    settings = _split_from(settings)
     validate(settings)
     return settings
+
+
+def _split_from(s: Settings) -> Settings:
+    """`[outbound] from` may carry a display name: "Document Portal <no-reply@x.example>"."""
+    value = s.outbound.from_
+    if "<" not in value:
+        return s
+    header = email.policy.default.header_factory("From", value)
+    if len(header.addresses) != 1 or header.defects:
+        raise ConfigError(f"[outbound] from: {value!r} is not one address, optionally with a "
+                          "display name (\"Document Portal <no-reply@portal.example>\")")
+    [address] = header.addresses
+    if any(c in address.display_name for c in "\r\n"):
+        raise ConfigError("[outbound] from: the display name must be one line")
+    return dataclasses.replace(s, outbound=dataclasses.replace(
+        s.outbound, from_=address.addr_spec,
+        from_name=" ".join(address.display_name.split()) or s.outbound.from_name))
 
 
 def _resolve_paths(s: Settings, base: Path) -> Settings:
@@ -190,150 +197,6 @@ def _absolute_files(section: typing.Any, names: tuple[str, ...],
                     absolute: typing.Callable[[Path], Path]) -> dict[str, str]:
     return {name: str(absolute(Path(value))) for name in names
             if (value := getattr(section, name))}
-
-
-def _address(value: str, key: str) -> str:
-    try:
-        return validate_email(value, check_deliverability=False).normalized
-    except EmailNotValidError as exc:
-        raise ConfigError(f"{key}: {value!r} is not a valid e-mail address ({exc})") from None
-
-
-def validate(s: Settings) -> None:
-    url = urlsplit(s.service.base_url)
-    if url.scheme not in ("http", "https") or not url.netloc:
-        raise ConfigError(
-            f"[service] base_url: expected an http(s) URL, got {s.service.base_url!r}")
-    try:
-        ZoneInfo(s.service.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"[service] timezone: unknown time zone {s.service.timezone!r}") from None
-    if s.service.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError("[service] log_level: expected DEBUG, INFO, WARNING or ERROR")
-    if s.service.node_id and not re.fullmatch(r"[A-Za-z0-9._:-]{1,100}", s.service.node_id):
-        raise ConfigError("[service] node_id: expected up to 100 letters, digits and . _ : -")
-    if s.service.stop_timeout_seconds <= 0:
-        raise ConfigError("[service] stop_timeout_seconds: must be more than 0")
-    if not s.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-        raise ConfigError(
-            f"[database] url: expected sqlite:///PATH or postgresql://..., got {s.database.url!r}")
-    for key, port in (("[smtp] port", s.smtp.port), ("[web] port", s.web.port),
-                      ("[outbound.smtp] port", s.outbound.smtp.port)):
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{key}: {port} is not a TCP port")
-    if s.web.session_idle_minutes <= 0 or s.web.session_absolute_hours <= 0:
-        raise ConfigError("[web] session_idle_minutes / session_absolute_hours: must be more "
-                          "than 0")
-    if s.web.proxies < 0:
-        raise ConfigError("[web] proxies: must be 0 or more")
-    for name in ("threads", "connection_limit", "channel_timeout", "cleanup_interval"):
-        if getattr(s.web, name) <= 0:
-            raise ConfigError(f"[web] {name}: must be more than 0")
-    if s.smtp.max_message_bytes < 1024:
-        raise ConfigError("[smtp] max_message_bytes: must be at least 1024")
-    for name in ("max_messages_per_hour_per_ip", "max_bytes_per_hour_per_ip",
-                 "max_messages_per_hour_per_sender", "max_bytes_per_hour_per_sender"):
-        if getattr(s.smtp, name) < 0:
-            raise ConfigError(f"[smtp] {name}: must be 0 (no limit) or more")
-    _address(s.addresses.sharing, "[addresses] sharing")
-    if "+" in s.addresses.sharing.split("@")[0]:
-        raise ConfigError("[addresses] sharing: must not contain '+' (used for plus-addressing)")
-    if not s.addresses.reply_domain or "@" in s.addresses.reply_domain:
-        raise ConfigError("[addresses] reply_domain: expected a domain name such as "
-                          "reply.portal.example")
-    if s.outbound.transport not in ("maildir", "smtp"):
-        raise ConfigError(
-            f"[outbound] transport: expected \"maildir\" or \"smtp\", got {s.outbound.transport!r}")
-    _address(s.outbound.from_, "[outbound] from")
-    if s.outbound.max_attempts < 1:
-        raise ConfigError("[outbound] max_attempts: must be at least 1")
-    if not 0 < s.shares.claim_hours <= 24 * 30:
-        raise ConfigError("[shares] claim_hours: must be more than 0 and at most 720")
-    if s.shares.remind_before_hours < 0:
-        raise ConfigError("[shares] remind_before_hours: must be 0 (off) or more")
-    if s.shares.max_extend_hours <= 0:
-        raise ConfigError("[shares] max_extend_hours: must be more than 0")
-    for key in ("spool_days", "session_days", "code_days", "orphan_hours"):
-        if getattr(s.retention, key) <= 0:
-            raise ConfigError(f"[retention] {key}: must be more than 0")
-    lim = s.limits
-    for name in ("max_recipients", "max_parts", "max_depth", "max_file_bytes",
-                 "max_total_bytes"):
-        if getattr(lim, name) < 1:
-            raise ConfigError(f"[limits] {name}: must be at least 1")
-    unknown = set(lim.allowed_types) - set(DEFAULT_ALLOWED_TYPES)
-    if unknown:
-        raise ConfigError(f"[limits] allowed_types: unknown type(s) {sorted(unknown)}; "
-                          f"known: {', '.join(DEFAULT_ALLOWED_TYPES)}")
-    for net in s.senders.trusted_relays:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError(f"[senders] trusted_relays: {net!r} is not an IP address or "
-                              "network (e.g. \"192.0.2.10\" or \"10.0.0.0/8\")") from None
-    if s.worker.lease_seconds <= 0:
-        raise ConfigError("[worker] lease_seconds: must be more than 0")
-    if s.worker.retry_max_seconds < s.worker.retry_base_seconds:
-        raise ConfigError("[worker] retry_max_seconds: must be at least retry_base_seconds")
-    _validate_smtp_tls(s.smtp)
-    _validate_relay_tls(s.outbound.smtp)
-    _validate_imap(s.imap)
-
-
-def _validate_smtp_tls(smtp: SmtpSettings) -> None:
-    if bool(smtp.tls_cert_file) != bool(smtp.tls_key_file):
-        missing = "tls_key_file" if smtp.tls_cert_file else "tls_cert_file"
-        other = "tls_cert_file" if smtp.tls_cert_file else "tls_key_file"
-        raise ConfigError(f"[smtp] {missing}: required when [smtp] {other} is set")
-    if not smtp.tls_cert_file:
-        for name, on in (("require_tls", smtp.require_tls),
-                         ("implicit_tls_port", smtp.implicit_tls_port)):
-            if on:
-                raise ConfigError(f"[smtp] {name}: needs a certificate; set [smtp] "
-                                  f"tls_cert_file and tls_key_file")
-    if not 0 <= smtp.implicit_tls_port <= 65535:
-        raise ConfigError(f"[smtp] implicit_tls_port: {smtp.implicit_tls_port} is not a TCP "
-                          f"port")
-    if smtp.implicit_tls_port and smtp.implicit_tls_port == smtp.port:
-        raise ConfigError("[smtp] implicit_tls_port: must differ from [smtp] port")
-
-
-def _validate_relay_tls(relay: RelaySettings) -> None:
-    if relay.tls not in ("", "starttls", "implicit", "none"):
-        raise ConfigError(f"[outbound.smtp] tls: expected \"starttls\", \"implicit\" or "
-                          f"\"none\", got {relay.tls!r}")
-    if relay.tls and relay.starttls is not None \
-            and (relay.tls == "starttls") != relay.starttls:
-        raise ConfigError(f"[outbound.smtp] starttls: deprecated, and contradicts [outbound.smtp]"
-                          f" tls = {relay.tls!r}; remove it")
-
-
-def _validate_imap(imap: ImapSettings) -> None:
-    if imap.security not in ("tls", "starttls", "none"):
-        raise ConfigError(f"[imap] security: expected \"tls\", \"starttls\" or \"none\", got "
-                          f"{imap.security!r}")
-    if not 0 < imap.port <= 65535:
-        raise ConfigError(f"[imap] port: {imap.port} is not a TCP port")
-    if imap.poll_seconds <= 0:
-        raise ConfigError("[imap] poll_seconds: must be more than 0")
-    if imap.batch_size < 1:
-        raise ConfigError("[imap] batch_size: must be at least 1")
-    folders = {"folder": imap.folder, "processed_folder": imap.processed_folder,
-               "failed_folder": imap.failed_folder}
-    for name, value in folders.items():
-        if not value.strip("/ "):
-            raise ConfigError(f"[imap] {name}: must not be empty")
-    if len({v.strip("/ ").lower() for v in folders.values()}) < len(folders):
-        raise ConfigError("[imap] folder / processed_folder / failed_folder: must be three "
-                          "different folders")
-    if imap.enabled:
-        for name in ("host", "username"):
-            if not getattr(imap, name).strip():
-                raise ConfigError(f"[imap] {name}: required when [imap] enabled = true")
-
-
-# --- secrets -------------------------------------------------------------------------------
 
 
 def read_master_key(s: Settings, env: typing.Mapping[str, str] | None = None) -> bytes:

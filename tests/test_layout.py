@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mailbridge"
 # are independent of each other.
 RANKS = {
     "outcomes": 0, "clock": 0, "settings": 0, "logs": 0, "__init__": 0,
-    "config": 0.5,
+    "validate": 0.25, "config": 0.5,
     "mail": 1, "store": 1,
     "runtime": 2,
     "outbound": 3,
