@@ -7,7 +7,9 @@ import click
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.clock import system_clock
 from mailbridge.shares import members as member_ops
+from mailbridge.store import audit
 from mailbridge.store.models import Member
+from mailbridge.store.states import Audit
 
 
 @click.group()
@@ -24,10 +26,14 @@ def members() -> None:
 @pass_ctx
 def members_add(ctx: Context, email: str, name: str, clinic_name: str, admin: bool) -> None:
     """Add a member (or re-activate a disabled one)."""
-    ctx.ready_runtime()
+    runtime = ctx.ready_runtime()
+    now = system_clock()
     try:
-        member = member_ops.add_member(email, name, clinic_name, system_clock(),
-                                       timezone=ctx.settings.service.timezone, admin=admin)
+        with runtime.db.atomic():
+            member = member_ops.add_member(email, name, clinic_name, now,
+                                           timezone=ctx.settings.service.timezone, admin=admin)
+            audit.record(runtime.audit_key, Audit.MEMBER_ADDED, now, actor="operator",
+                         member=member, clinic=member.clinic, detail={"admin": admin})
     except member_ops.MemberError as exc:
         raise click.BadParameter(str(exc), param_hint="EMAIL") from None
     click.echo(f"member {member.email} ({member.name}) at {member.clinic.name}")
@@ -48,9 +54,12 @@ def members_list(ctx: Context) -> None:
 @pass_ctx
 def members_disable(ctx: Context, email: str) -> None:
     """Stop a member from sharing (existing shares stay)."""
-    ctx.ready_runtime()
+    runtime = ctx.ready_runtime()
     try:
-        member = member_ops.disable_member(email)
+        with runtime.db.atomic():
+            member = member_ops.disable_member(email)
+            audit.record(runtime.audit_key, Audit.MEMBER_DISABLED, system_clock(),
+                         actor="operator", member=member, clinic=member.clinic)
     except member_ops.MemberError as exc:
         raise click.BadParameter(str(exc), param_hint="EMAIL") from None
     click.echo(f"member {member.email} disabled")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mailbridge.store.models import AuditCheckpoint, AuditEvent, AuditHead
 
-REFS = ("share", "grant", "document", "member", "account", "inbound")
+REFS = ("share", "grant", "document", "member", "account", "inbound", "clinic")
 BATCH = 5000  # events read per page
 INSERT_BATCH = 1000  # events per INSERT (SQLite allows 32766 bound values)
 
@@ -24,7 +24,7 @@ INSERT_BATCH = 1000  # events per INSERT (SQLite allows 32766 bound values)
 def record(key: bytes, kind: str, at: dt.datetime, *, actor: str = "",
            detail: dict | None = None, **refs) -> AuditEvent:
     """Append one event, inside the caller's transaction. `refs` are model foreign keys
-    (share=, grant=, document=, member=, account=, inbound=) and ip=, user_agent=."""
+    (share=, grant=, document=, member=, account=, inbound=, clinic=) and ip=, user_agent=."""
     [event] = record_many(key, [dict(kind=kind, at=at, actor=actor, detail=detail or {},
                                      **refs)])
     return event
@@ -144,9 +144,12 @@ def sign_checkpoint(key: bytes, seq: int, mac: str) -> str:
     return hmac.new(key, f"checkpoint\0{seq}\0{mac}".encode(), hashlib.sha256).hexdigest()
 
 
-def verify(key: bytes, since: dt.datetime | None = None) -> Verdict:
+def verify(key: bytes, since: dt.datetime | None = None,
+           anchor: tuple[int, str] | None = None) -> Verdict:
     """Walk the chain (from the latest pruning checkpoint) and recompute every MAC. With
-    `since`, events before it are still linked but not counted."""
+    `since`, events before it are still linked but not counted. `anchor` is a head kept
+    outside the database (the last line of an export): the chain must still hold that event
+    with that MAC, which is what shows a tail cut off with the head rewound to match."""
     checkpoint = AuditCheckpoint.select().order_by(AuditCheckpoint.seq.desc()).first()
     expected_seq, previous_mac, previous_id = 1, "", 0
     if checkpoint is not None:
@@ -155,6 +158,9 @@ def verify(key: bytes, since: dt.datetime | None = None) -> Verdict:
             return Verdict(False, 0, None, f"the pruning checkpoint at event {checkpoint.seq} "
                            "is not genuine")
         expected_seq, previous_mac = checkpoint.seq + 1, checkpoint.mac
+    # An anchor already pruned behind the checkpoint can no longer be compared.
+    anchored = anchor is None or anchor[0] < expected_seq - 1 or anchor == (expected_seq - 1,
+                                                                            previous_mac)
     checked = 0
     for event in walk(expected_seq):
         if event.seq != expected_seq:
@@ -165,11 +171,16 @@ def verify(key: bytes, since: dt.datetime | None = None) -> Verdict:
             return Verdict(False, checked, event.id,
                            "out of order: it was moved before an event written earlier")
         if not hmac.compare_digest(event.mac, link(key, previous_mac, stored(event))):
-            return Verdict(False, checked, event.id,
-                           "content changed: it is not what was written")
+            return Verdict(False, checked, event.id, _why_not(event))
         if since is None or event.at >= since:
             checked += 1
         expected_seq, previous_mac, previous_id = event.seq + 1, event.mac, event.id
+        if anchor is not None and event.seq == anchor[0]:
+            anchored = hmac.compare_digest(event.mac, anchor[1])
+    if not anchored:
+        return Verdict(False, checked, None,
+                       f"the exported head (event {anchor[0]}) is not in the chain: the chain "
+                       f"ends at {expected_seq - 1} or was rewritten")
     head = AuditHead.get_or_none(AuditHead.id == 1)
     if head is not None and head.seq >= expected_seq:
         return Verdict(False, checked, None,
@@ -178,6 +189,35 @@ def verify(key: bytes, since: dt.datetime | None = None) -> Verdict:
     if head is not None and head.seq == expected_seq - 1 and head.mac != previous_mac:
         return Verdict(False, checked, None, "the chain's head does not match its last event")
     return Verdict(True, checked)
+
+
+def _why_not(event: AuditEvent) -> str:
+    """An event's MAC covers its place, so a moved event fails like an edited one; an event
+    written earlier now following it tells the two apart."""
+    moved = (AuditEvent.select().where((AuditEvent.seq > event.seq)
+                                       & (AuditEvent.id < event.id)).exists())
+    if moved:
+        return "out of order: it sits before events written earlier (moved or inserted)"
+    return "content changed: it is not what was written"
+
+
+def prune(key: bytes, before: dt.datetime, now: dt.datetime) -> int:
+    """Delete the oldest events, those before `before`, behind a signed checkpoint holding
+    the last pruned event's place and MAC, so `verify` still walks an unbroken chain from
+    there. Returns how many were deleted."""
+    db = AuditEvent._meta.database
+    with db.atomic():
+        boundary = (AuditEvent.select(AuditEvent.seq, AuditEvent.mac)
+                    .where(AuditEvent.at < before).order_by(AuditEvent.seq.desc()).first())
+        if boundary is None:
+            return 0
+        pruned = (AuditEvent.delete().where(AuditEvent.seq <= boundary.seq).execute())
+        earlier = (AuditCheckpoint.select(AuditCheckpoint.pruned)
+                   .order_by(AuditCheckpoint.seq.desc()).first())
+        AuditCheckpoint.create(seq=boundary.seq, mac=boundary.mac, at=now,
+                               pruned=pruned + (earlier.pruned if earlier else 0),
+                               signature=sign_checkpoint(key, boundary.seq, boundary.mac))
+    return pruned
 
 
 def head() -> tuple[int, str]:

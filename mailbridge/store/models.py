@@ -186,6 +186,7 @@ class AuditEvent(BaseModel):
     member = pw.ForeignKeyField(Member, null=True, on_delete="SET NULL")
     account = pw.ForeignKeyField(Account, null=True, on_delete="SET NULL")
     inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL")
+    clinic = pw.ForeignKeyField(Clinic, null=True, on_delete="SET NULL")  # policy changes
     ip = pw.CharField(max_length=64, default="")
     user_agent = pw.CharField(max_length=400, default="")
     detail = JSONField(default=dict)
@@ -200,8 +201,8 @@ class AuditHead(BaseModel):
 
 
 class AuditCheckpoint(BaseModel):
-    """Events up to `seq` were pruned under `[retention] audit_days`; `mac` is the last pruned
-    event's, `signature` vouches for both, so `audit verify` starts here."""
+    """Events up to `seq` were pruned under `[retention] audit_retention_days`; `mac` is the
+    last pruned event's, `signature` vouches for both, so `audit verify` starts here."""
 
     seq = pw.BigIntegerField(unique=True)
     mac = pw.CharField(max_length=64)

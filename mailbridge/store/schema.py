@@ -137,7 +137,7 @@ def _v8_records(db: peewee.Database, keys: Keys | None) -> None:
         models.Clinic.display_name, models.Clinic.contact, models.Clinic.claim_hours,
         models.Clinic.remind_before_hours, models.Clinic.document_retention_days,
         models.Clinic.legal_hold, models.Share.legal_hold, models.Share.purged_at,
-        models.Grant.removed_at)
+        models.Grant.removed_at, models.AuditEvent.clinic)
     for field in new_columns:
         table = field.model._meta.table_name
         if field.column_name not in {c.name for c in db.get_columns(table)}:

@@ -91,10 +91,18 @@ class Audit(StrEnum):
     DEADLINE_EXTENDED = "deadline_extended"
     # jobs and delivery
     GRANT_EXPIRED = "grant_expired"
+    SHARE_PURGED = "share_purged"
+    LEGAL_HOLD_SET = "legal_hold_set"
+    LEGAL_HOLD_RELEASED = "legal_hold_released"
     REMINDER_SENT = "reminder_sent"
     EXPIRY_REPORTED = "expiry_reported"
     LINK_UNDELIVERABLE = "link_undeliverable"
     LINK_BOUNCED = "link_bounced"
+    # the operator and staff
+    MEMBER_ADDED = "member_added"
+    MEMBER_DISABLED = "member_disabled"
+    CLINIC_ADDED = "clinic_added"
+    CLINIC_CHANGED = "clinic_changed"
     # the portal
     LINK_SHOWN = "link_shown"
     CODE_SENT = "code_sent"
@@ -110,6 +118,7 @@ class Audit(StrEnum):
     PASSWORD_CHANGED = "password_changed"
     SHARE_ARCHIVED = "share_archived"
     SHARE_RESTORED = "share_restored"
+    SHARE_REMOVED = "share_removed"
     DOCUMENT_VIEWED = "document_viewed"
     DOCUMENT_DOWNLOADED = "document_downloaded"
     ACCESS_DENIED = "access_denied"
