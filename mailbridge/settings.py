@@ -81,7 +81,8 @@ class RelaySettings:
 @dataclass(frozen=True, kw_only=True)
 class OutboundSettings:
     transport: str = "maildir"
-    from_: str = _required()
+    from_: str = _required()  # the address; "Document Portal <no-reply@…>" names the service
+    from_name: str = ""  # the display name given in `from`, else the service's own name
     maildir: str = ""  # empty: <data_dir>/outbox
     max_attempts: int = 8
     retry_base_seconds: float = 60.0
@@ -131,6 +132,8 @@ class RetentionSettings:
     # Files no row references (a crash between writing and committing) are removed once this
     # old: the margin covers a transaction still committing, also on another node.
     orphan_hours: float = 1.0
+    # Audit events older than this are pruned behind a signed checkpoint; 0: kept for good.
+    audit_retention_days: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,6 +222,12 @@ class Settings:
     @property
     def documents_dir(self) -> Path:
         return self.service.data_dir / "documents"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file, when the database is SQLite."""
+        url = self.database.url
+        return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
     @property
     def master_key_path(self) -> Path:

@@ -1,11 +1,11 @@
-"""`mailbridge shares`: list, show, revoke, resend, extend and report on shares."""
+"""`mailbridge shares`: list, show, revoke, resend, extend, hold and report on shares."""
 
 from __future__ import annotations
 
 import click
 
 from mailbridge.cli.context import Context, pass_ctx
-from mailbridge.shares import lifecycle
+from mailbridge.shares import lifecycle, records, retention
 from mailbridge.store import sealed
 from mailbridge.store.models import Document, Grant, Share
 
@@ -34,12 +34,14 @@ def shares_list(ctx: Context, limit: int) -> None:
 def shares_show(ctx: Context, share_id: int) -> None:
     """One share: documents and recipients."""
     runtime = ctx.ready_runtime()
-    share = Share.get_or_none(Share.id == share_id)
-    if share is None:
-        raise click.BadParameter(f"no share #{share_id}", param_hint="ID")
+    share = _share_arg(share_id)
     click.echo(f"share #{share.id} created {share.created_at:%Y-%m-%d %H:%M}Z by "
                f"{share.sender.name} <{share.sender.email}> ({share.clinic.name})")
     click.echo(f"title: {sealed.share_title(runtime.phi_key, share)}")
+    if share.legal_hold:
+        click.echo("legal hold: on (kept past the clinic's retention)")
+    if share.purged_at is not None:
+        click.echo(f"documents removed under retention {share.purged_at:%Y-%m-%d %H:%M}Z")
     click.echo("documents:")
     for d in share.documents.order_by(Document.position):
         click.echo(f"  {sealed.document_name(runtime.phi_key, d)}\t{d.kind}\t{d.size} bytes\t"
@@ -117,3 +119,39 @@ def shares_status(ctx: Context, share_id: int) -> None:
     """The same report a `status` reply gets by e-mail."""
     runtime = ctx.ready_runtime()
     click.echo(lifecycle.status_report(runtime, _share_arg(share_id)), nl=False)
+
+
+@shares.command("audit")
+@click.argument("share_id", type=int, metavar="ID")
+@pass_ctx
+def shares_audit(ctx: Context, share_id: int) -> None:
+    """One share's full history, oldest first, times in its clinic's zone."""
+    runtime = ctx.ready_runtime()
+    _share_arg(share_id)
+    for row in records.rows(runtime, records.Selection(share_id=share_id)):
+        parts = [row["time_local"], row["kind"].replace("_", " ")]
+        if row["actor"]:
+            parts.append(f"by {row['actor']}")
+        if row["recipient"]:
+            parts.append(f"recipient {row['recipient']}")
+        if row["document"]:
+            parts.append(f"document {row['document']}")
+        if row["ip"]:
+            parts.append(f"from {row['ip']}")
+        click.echo("  ".join(parts))
+
+
+@shares.command("hold")
+@click.argument("share_id", type=int, metavar="ID")
+@click.option("--release", is_flag=True, help="Release the hold instead.")
+@pass_ctx
+def shares_hold(ctx: Context, share_id: int, release: bool) -> None:
+    """Put a share under legal hold: its documents outlive the clinic's retention until the
+    hold is released. A share already purged stays purged."""
+    runtime = ctx.ready_runtime()
+    share = _share_arg(share_id)
+    changed = retention.hold(runtime, share, on=not release, actor="operator")
+    state = "released" if release else "on"
+    click.echo(f"share #{share.id}: legal hold {state}" + ("" if changed else " (already)"))
+    if not release and share.purged_at is not None:
+        click.echo("note: its documents were already removed under retention", err=True)

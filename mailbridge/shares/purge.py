@@ -1,5 +1,6 @@
 """The purge job: what is kept only for a while — raw spooled messages of finished rows,
-ended portal sessions, spent codes and reset links — and files no row references."""
+ended portal sessions, spent codes and reset links, files no row references — and what the
+retention policies let go (documents past their clinic's retention, old audit events)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import datetime as dt
 import logging
 
 from mailbridge.runtime import Runtime
-from mailbridge.shares import orphans
+from mailbridge.shares import orphans, retention
 from mailbridge.shares.jobs import Stop, stopped
 from mailbridge.store.blobs import StorageError
 from mailbridge.store.models import InboundMessage, OneTimeCode, PasswordReset, WebSession
@@ -20,14 +21,16 @@ def purge(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
     """Delete what is kept only for a while: raw spooled messages of finished rows (`[retention]
     spool_days`; the shares keep their documents), ended portal sessions (`session_days`),
     spent codes and reset links (`code_days`), and files no row references (left by a crash)
-    once `orphan_hours` old. Never documents of a share, shares or audit events."""
+    once `orphan_hours` old; documents of shares past their clinic's retention (crypto-
+    shredded; the share and its audit trail stay) and audit events past
+    `audit_retention_days` (behind a signed checkpoint)."""
     now = runtime.clock()
-    retention = runtime.settings.retention
-    raw = _purge_spool(runtime, now - dt.timedelta(days=retention.spool_days), now, batch, stop)
-    session_cutoff = now - dt.timedelta(days=retention.session_days)
+    keep = runtime.settings.retention
+    raw = _purge_spool(runtime, now - dt.timedelta(days=keep.spool_days), now, batch, stop)
+    session_cutoff = now - dt.timedelta(days=keep.session_days)
     # A session never signed out ends at its absolute timeout.
     lifetime = dt.timedelta(hours=runtime.settings.web.session_absolute_hours)
-    code_cutoff = now - dt.timedelta(days=retention.code_days)
+    code_cutoff = now - dt.timedelta(days=keep.code_days)
     with runtime.db.atomic():
         sessions = WebSession.delete().where(
             (WebSession.ended_at < session_cutoff)
@@ -38,10 +41,13 @@ def purge(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
         resets = PasswordReset.delete().where((PasswordReset.used_at < code_cutoff)
                                               | (PasswordReset.expires_at < code_cutoff)).execute()
     orphaned = 0 if stopped(stop) else orphans.sweep(runtime, stop=stop)
-    total = raw + sessions + codes + resets + orphaned
+    shredded = 0 if stopped(stop) else retention.shred_expired(runtime, stop=stop)
+    pruned = 0 if stopped(stop) else retention.prune_audit(runtime)
+    total = raw + sessions + codes + resets + orphaned + shredded + pruned
     if total:
         log.info("purge: %d raw message(s), %d session(s), %d code(s), %d reset link(s), "
-                 "%d orphaned file(s)", raw, sessions, codes, resets, orphaned)
+                 "%d orphaned file(s), %d share(s) past retention, %d audit event(s)",
+                 raw, sessions, codes, resets, orphaned, shredded, pruned)
     return total
 
 

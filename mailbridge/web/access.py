@@ -55,13 +55,15 @@ def require_account(view):
 def active_grant(account: Account, share_id: int) -> Grant | None:
     """The account's claimed, unrevoked grant for a share — the only thing that opens it."""
     return (Grant.select().where((Grant.account == account) & (Grant.share == share_id)
-                                 & (Grant.state == GrantState.CLAIMED)).first())
+                                 & (Grant.state == GrantState.CLAIMED)
+                                 & Grant.removed_at.is_null()).first())
 
 
 def accessible_document(account: Account, document_id: int) -> tuple[Document, Grant] | None:
-    """None both for a missing document and for another account's: the same 404 (no IDOR)."""
+    """None both for a missing document and for another account's: the same 404 (no IDOR).
+    A document shredded under retention (its key wiped) is gone for everyone."""
     document = Document.get_or_none(Document.id == document_id)
-    if document is None:
+    if document is None or not document.blob_key:
         return None
     grant = active_grant(account, document.share_id)
     return (document, grant) if grant is not None else None

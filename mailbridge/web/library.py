@@ -9,6 +9,7 @@ from flask import Blueprint, Flask, flash, redirect, render_template, url_for
 from flask_limiter import Limiter
 
 from mailbridge.clock import local_text
+from mailbridge.shares import clinics
 from mailbridge.store import sealed
 from mailbridge.store.models import Account, Clinic, Document, Grant, Member, Share
 from mailbridge.store.states import Audit, GrantState
@@ -36,6 +37,7 @@ class ShareEntry:
     shared_at_iso: str  # UTC, for <time datetime>
     note_html: str  # sanitised with bleach at intake
     documents: list[DocumentEntry]
+    removed_note: str = ""  # why the documents are gone (the clinic's retention policy)
 
 
 def human_size(size: int) -> str:
@@ -55,7 +57,7 @@ def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
             .switch(Share).join(Clinic)
             .switch(Share).join(Member)
             .where((Grant.account == account) & (Grant.state == GrantState.CLAIMED)
-                   & archived_filter)
+                   & Grant.removed_at.is_null() & archived_filter)
             .order_by(Share.created_at.desc(), Share.id.desc()))
     shares = list({share.id: share for share in rows}.values())  # one entry per share
     documents: dict[int, list[DocumentEntry]] = {share.id: [] for share in shares}
@@ -73,8 +75,17 @@ def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
                        shared_at=local_text(share.created_at, share.clinic.timezone),
                        shared_at_iso=share.created_at.isoformat() + "Z",
                        note_html=sealed.share_note(runtime.phi_key, share),
-                       documents=documents[share.id])
+                       documents=[] if share.purged_at else documents[share.id],
+                       removed_note=_removed_note(share))
             for share in shares]
+
+
+def _removed_note(share: Share) -> str:
+    if share.purged_at is None:
+        return ""
+    name = clinics.policy(share.clinic, access.runtime().settings).display_name
+    return (f"The documents were removed under {name}'s retention policy on "
+            f"{local_text(share.purged_at, share.clinic.timezone)}.")
 
 
 @bp.get("/library")
@@ -108,6 +119,34 @@ def restore(share_id: int):
     _set_archived(share_id, archived=False)
     flash("Moved back to your library.")
     return redirect(url_for("library.archived"))
+
+
+@bp.get("/library/shares/<int:share_id>/remove")
+@require_account
+def remove_confirm(share_id: int):
+    """Asks first: removing is for good (the sender's record and the audit trail stay)."""
+    account = current_account()
+    grant = access.active_grant(account, share_id)
+    if grant is None:
+        access.refuse(account, share_id, share=share_id)
+    [entry] = [e for archived in (False, True) for e in library_entries(account, archived=archived)
+               if e.share_id == share_id]
+    return render_template("library_remove.html", entry=entry)
+
+
+@bp.post("/library/shares/<int:share_id>/remove")
+@require_account
+def remove(share_id: int):
+    account = current_account()
+    grant = access.active_grant(account, share_id)
+    if grant is None:
+        access.refuse(account, share_id, share=share_id)
+    runtime = access.runtime()
+    with runtime.db.atomic():
+        Grant.update(removed_at=access.now()).where(Grant.id == grant.id).execute()
+        access.record(Audit.SHARE_REMOVED, account=account, share=grant.share_id, grant=grant)
+    flash("Removed from your library for good.")
+    return redirect(url_for("library.index"))
 
 
 def _set_archived(share_id: int, *, archived: bool) -> None:

@@ -204,3 +204,56 @@ def test_dates_follow_the_clinic_time_zone_across_dst(portal):
     expected = (rt.clock().replace(tzinfo=dt.UTC) - dt.timedelta(hours=4)).strftime(
         "%d %b %Y, %H:%M EDT")
     assert expected in page
+
+
+def test_removing_a_share_asks_first_then_is_for_good_and_only_for_this_recipient(portal):
+    rt, app, smith = portal
+    jones = make_account(rt, JONES)
+    share, _ = make_share(rt, title="Shared with both", recipients=(SMITH, JONES))
+    smith_grant = claim(rt, share, SMITH, smith)
+    claim(rt, share, JONES, jones)
+    document = share.documents.get()
+    client = signed_in_client(app, rt, smith)
+    assert f'href="/library/shares/{share.id}/remove"' in client.get("/library").get_data(
+        as_text=True)
+
+    confirm = client.get(f"/library/shares/{share.id}/remove")  # GET changes nothing
+    page = confirm.get_data(as_text=True)
+    assert confirm.status_code == 200 and "cannot be undone" in page
+    assert "Shared with both" in page and "Keep it" in page
+    assert Grant.get_by_id(smith_grant.id).removed_at is None
+    assert client.post(f"/library/shares/{share.id}/remove").status_code == 400  # no token
+
+    answer = client.post(f"/library/shares/{share.id}/remove",
+                         data={"csrf_token": form_token(page)})
+    assert answer.status_code == 302 and answer.headers["Location"] == "/library"
+    library = client.get("/library").get_data(as_text=True)
+    assert "Removed from your library for good." in library
+    assert "Shared with both" not in library
+    assert "Shared with both" not in client.get("/library/archived").get_data(as_text=True)
+    assert client.get(f"/documents/{document.id}/download").status_code == 404
+    assert client.get(f"/library/shares/{share.id}/remove").status_code == 404
+    # The clinic's record stays: the grant is still there, claimed, marked removed.
+    grant = Grant.get_by_id(smith_grant.id)
+    assert grant.state == "claimed" and grant.removed_at == rt.clock()
+    event = AuditEvent.get(AuditEvent.kind == "share_removed")
+    assert (event.account_id, event.grant_id, event.share_id) == (smith.id, grant.id, share.id)
+    # The other recipient still has it.
+    other = signed_in_client(app, rt, jones)
+    assert "Shared with both" in other.get("/library").get_data(as_text=True)
+    assert other.get(f"/documents/{document.id}/download").status_code == 200
+
+
+def test_removing_someone_elses_share_is_not_found(portal):
+    rt, app, smith = portal
+    jones = make_account(rt, JONES)
+    theirs, _ = make_share(rt, recipients=(JONES,))
+    jones_grant = claim(rt, theirs, JONES, jones)
+    client = signed_in_client(app, rt, smith)
+    assert client.get(f"/library/shares/{theirs.id}/remove").status_code == 404
+    mine, _ = make_share(rt, recipients=(SMITH,))
+    claim(rt, mine, SMITH, smith)
+    token = form_token(client.get(f"/library/shares/{mine.id}/remove").get_data(as_text=True))
+    refused = client.post(f"/library/shares/{theirs.id}/remove", data={"csrf_token": token})
+    assert refused.status_code == 404
+    assert Grant.get_by_id(jones_grant.id).removed_at is None
