@@ -8,7 +8,18 @@ import sys
 import click
 
 from mailbridge import __version__
-from mailbridge.cli import clinics, imap, jobs, members, serve, setup, shares, spool
+from mailbridge.cli import (
+    audit,
+    backup,
+    clinics,
+    imap,
+    jobs,
+    members,
+    serve,
+    setup,
+    shares,
+    spool,
+)
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.config import ConfigError
 
@@ -31,6 +42,9 @@ def cli(ctx: click.Context, config_path: str) -> None:
 cli.add_command(setup.init)
 cli.add_command(setup.db)
 cli.add_command(serve.serve)
+cli.add_command(audit.audit_group)
+cli.add_command(backup.backup_command)
+cli.add_command(backup.restore_command)
 cli.add_command(clinics.clinics)
 cli.add_command(members.members)
 cli.add_command(shares.shares)
