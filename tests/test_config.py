@@ -103,6 +103,10 @@ def test_settings_are_frozen(tmp_path):
     (MINIMAL, {"MAILBRIDGE_WORKER_RETRY_MAX_SECONDS": "1"}, "[worker] retry_max_seconds"),
     (MINIMAL, {"MAILBRIDGE_RETENTION_ORPHAN_HOURS": "0"}, "[retention] orphan_hours"),
     (MINIMAL.replace('from = "mailbridge@portal.example"', ""), {}, "[outbound] from"),
+    (MINIMAL.replace('"mailbridge@portal.example"', '"Portal <a@portal.example>, b@x.example"'),
+     {}, "[outbound] from"),
+    (MINIMAL.replace('"mailbridge@portal.example"', '"Portal <not an address>"'), {},
+     "[outbound] from"),
 ])
 def test_wrong_or_missing_key_names_the_key(tmp_path, text, env, key):
     with pytest.raises(ConfigError) as info:
@@ -198,3 +202,21 @@ ca_file = "tls/ca.pem"
 def test_deprecated_starttls_key_still_means_what_it_said(tmp_path, starttls, mode):
     text = MINIMAL + (f"\n[outbound.smtp]\nstarttls = {starttls}\n" if starttls else "")
     assert load_settings(write(tmp_path, text), env={}).outbound.smtp.tls_mode == mode
+
+
+def test_outbound_from_may_name_the_service(tmp_path):
+    """`from = "Document Portal <no-reply@…>"`: the address is ours (envelope, loop checks),
+    the name is what our mail calls the service, also after a clinic's name."""
+    from mailbridge.outbound import compose
+
+    text = MINIMAL.replace('"mailbridge@portal.example"',
+                           '"Document  Portal <no-reply@portal.example>"')
+    s = load_settings(write(tmp_path, text), env={})
+    assert (s.outbound.from_, s.outbound.from_name) == ("no-reply@portal.example",
+                                                        "Document Portal")
+    msg = compose.link_email(s, to="dr@x.example", link_url="https://portal.example/s/x",
+                             clinic_name="Riverside PT", sender_name="Jane Doe",
+                             document_count=1, deadline_text="tomorrow")
+    assert msg["From"] == "Riverside PT via Document Portal <no-reply@portal.example>"
+    plain = load_settings(write(tmp_path, MINIMAL), env={})
+    assert (plain.outbound.from_, plain.outbound.from_name) == ("mailbridge@portal.example", "")

@@ -45,7 +45,7 @@ def link_email(settings: Settings, *, to: str, link_url: str, clinic_name: str,
     subject, text = _render_text(settings, templates, "link.txt", values)
     html = _render(settings, templates, "link.html", values)
     return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
-                    from_name=f"{values['clinic_name']} via {SERVICE_NAME}")
+                    from_name=f"{values['clinic_name']} via {service_name(settings)}")
 
 
 def receipt_email(settings: Settings, *, to: str, sender_name: str, share_title: str,
@@ -104,7 +104,7 @@ def recipient_revoked_email(settings: Settings, *, to: str, clinic_name: str, se
     values = dict(to=to, clinic_name=_one_line(clinic_name), sender_name=_one_line(sender_name))
     subject, text = _render_text(settings, templates, "revoked_recipient.txt", values)
     return _message(settings, to=to, subject=subject, text=text, now=now,
-                    from_name=f"{values['clinic_name']} via {SERVICE_NAME}")
+                    from_name=f"{values['clinic_name']} via {service_name(settings)}")
 
 
 def reminder_email(settings: Settings, *, to: str, link_url: str | None, clinic_name: str,
@@ -119,7 +119,7 @@ def reminder_email(settings: Settings, *, to: str, link_url: str | None, clinic_
     subject, text = _render_text(settings, templates, "reminder.txt", values)
     html = _render(settings, templates, "reminder.html", values)
     return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
-                    from_name=f"{values['clinic_name']} via {SERVICE_NAME}")
+                    from_name=f"{values['clinic_name']} via {service_name(settings)}")
 
 
 def first_view_email(settings: Settings, *, to: str, sender_name: str, recipient: str,
@@ -190,7 +190,7 @@ def _environment(directory: Path | None) -> jinja2.Environment:
 def _render(settings: Settings, templates: Path | None, name: str, values: dict) -> str:
     env = _environment(Path(templates) if templates is not None else None)
     context = dict(
-        service_name=SERVICE_NAME, sharing_address=settings.addresses.sharing,
+        service_name=service_name(settings), sharing_address=settings.addresses.sharing,
         sharing_local=settings.sharing_local, sharing_domain=settings.sharing_domain,
         base_url=settings.service.base_url, claim_hours=f"{settings.shares.claim_hours:g}")
     context.update(values)  # a clinic's own claim hours, when the caller knows them
@@ -204,17 +204,23 @@ def _render_text(settings: Settings, templates: Path | None, name: str,
     return _one_line(subject), body.lstrip("\n")
 
 
+def service_name(settings: Settings) -> str:
+    """What our mail calls the service: the display name in `[outbound] from`, if any."""
+    return settings.outbound.from_name or SERVICE_NAME
+
+
 def _one_line(value: str) -> str:
     # Values from e-mail and the database end up in headers: no line breaks, no runs of space.
     return " ".join(value.split())
 
 
 def _message(settings: Settings, *, to: str, subject: str, text: str, html: str | None = None,
-             from_name: str = SERVICE_NAME, reply_to: str | None = None,
+             from_name: str | None = None, reply_to: str | None = None,
              in_reply_to: str | None = None, now: dt.datetime | None = None) -> EmailMessage:
     # The SMTP policy writes CRLF line ends: the bytes go to the relay unchanged.
     msg = EmailMessage(policy=SMTP)
-    msg["From"] = Address(display_name=from_name, addr_spec=settings.outbound.from_)
+    msg["From"] = Address(display_name=from_name or service_name(settings),
+                          addr_spec=settings.outbound.from_)
     msg["To"] = to
     msg["Subject"] = subject
     msg["Date"] = format_datetime((now or system_clock()).replace(tzinfo=dt.UTC))
