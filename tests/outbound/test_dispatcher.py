@@ -215,7 +215,8 @@ def test_maildir_transport_prints_the_link_for_a_local_operator(make_runtime, tm
     assert dispatch_due(runtime, mailer) == {**NOTHING, "sent": 2}
     link = OutboundMessage.get(OutboundMessage.kind == "link")
     out = capsys.readouterr().out
-    assert out == (f"link e-mail #{link.id} written to {tmp_path / 'outbox'}: "
+    assert out == (f"link e-mail #{link.id} (grant #{grant.id}, to …@ortho.example) "
+                   f"written to {tmp_path / 'outbox'}: "
                    f"http://localhost:8080/s/tok0\n")
     box = mailbox.Maildir(tmp_path / "outbox", create=False)
     assert sorted(m["Delivered-To"] for m in box) == sorted([SENDER, "dr.smith@ortho.example"])
