@@ -96,7 +96,9 @@ class Audit(StrEnum):
     LINK_UNDELIVERABLE = "link_undeliverable"
     LINK_BOUNCED = "link_bounced"
     # the portal
-    LINK_SHOWN = "link_shown"
+    LINK_SHOWN = "link_shown"  # a GET of the link page: a person or a mail scanner
+    LINK_CONTINUED = "link_continued"  # Continue pressed (a POST): a person
+    RESEND_REQUESTED = "resend_requested"  # "Ask for a new link" on an expired link
     CODE_SENT = "code_sent"
     CODE_FAILED = "code_failed"
     CODE_VERIFIED = "code_verified"

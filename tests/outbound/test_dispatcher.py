@@ -164,7 +164,9 @@ def test_refused_recipient_fails_the_link_and_tells_the_sender(make_runtime):
     assert got.rcpt_tos == [SENDER]
     body = got.message.get_body(("plain",)).get_content()
     assert "nobody@ortho.example" in body and "(status 5.1.1)" in body
-    assert "POC for patient" not in str(got.message["Subject"])
+    # The sender's own notice names the share and is filed under its receipt.
+    assert str(got.message["Subject"]) == "Re: Shared: POC for patient R.T."
+    assert "Recipients: dr.smith@ortho.example, nobody@ortho.example" in body
     assert OutboundMessage.select().where(OutboundMessage.kind == "notice").count() == 1
 
 
