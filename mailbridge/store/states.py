@@ -62,10 +62,11 @@ class Mail(StrEnum):
     REPLY = "reply"
     FIRST_VIEW = "first_view"
     EXPIRY_SUMMARY = "expiry_summary"
+    STAFF_CODE = "staff_code"
 
 
 # To recipients and about their account: no PHI in them, so they may travel in clear.
-NO_PHI_MAIL = (Mail.LINK, Mail.REMINDER, Mail.CODE, Mail.RESET, Mail.REVOKED)
+NO_PHI_MAIL = (Mail.LINK, Mail.REMINDER, Mail.CODE, Mail.RESET, Mail.REVOKED, Mail.STAFF_CODE)
 # Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
 VERP_MAIL = (Mail.LINK, Mail.REMINDER)
 
@@ -115,6 +116,19 @@ class Audit(StrEnum):
     DOCUMENT_VIEWED = "document_viewed"
     DOCUMENT_DOWNLOADED = "document_downloaded"
     ACCESS_DENIED = "access_denied"
+    # the staff console (actor: the member)
+    STAFF_CODE_SENT = "staff_code_sent"
+    STAFF_CODE_FAILED = "staff_code_failed"
+    STAFF_PASSWORD_SET = "staff_password_set"
+    STAFF_SIGNED_IN = "staff_signed_in"
+    STAFF_SIGN_IN_FAILED = "staff_sign_in_failed"
+    STAFF_SIGNED_OUT = "staff_signed_out"
+    PASSKEY_ADDED = "passkey_added"
+    CONSOLE_ACTION = "console_action"
+    MEMBER_ADDED = "member_added"
+    MEMBER_DISABLED = "member_disabled"
+    MEMBER_ADMIN_CHANGED = "member_admin_changed"
+    CLINIC_CHANGED = "clinic_changed"
 
 
 def grant_state(state: str, deadline: dt.datetime, now: dt.datetime) -> GrantState:
