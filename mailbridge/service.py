@@ -5,6 +5,7 @@ rest back."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
 import threading
@@ -56,13 +57,14 @@ class Service:
             settings = runtime.settings.web
             # Slow clients wait in waitress's poll loop, not in a thread; poll() rather than
             # select(), which fails beyond 1024 open files.
-            self.web = create_server(create_app(runtime.settings, runtime=runtime),
-                                     host=settings.host, port=settings.port,
-                                     threads=settings.threads,
-                                     connection_limit=settings.connection_limit,
-                                     channel_timeout=settings.channel_timeout,
-                                     cleanup_interval=settings.cleanup_interval,
-                                     asyncore_use_poll=True, ident="mailbridge")
+            app = create_app(runtime.settings, runtime=runtime)
+            with _listener("[web] port", settings.host, settings.port):  # binds here
+                self.web = create_server(app, host=settings.host, port=settings.port,
+                                         threads=settings.threads,
+                                         connection_limit=settings.connection_limit,
+                                         channel_timeout=settings.channel_timeout,
+                                         cleanup_interval=settings.cleanup_interval,
+                                         asyncore_use_poll=True, ident="mailbridge")
         self._web_thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -71,6 +73,7 @@ class Service:
         if version < schema.LATEST:
             raise ConfigError(f"[database] url: schema version {version} is older than "
                               f"{schema.LATEST}; run `mailbridge db upgrade`")
+        self._bind_smtp()
         spool.recover(self.runtime, self.node)
         outbox.recover(self.runtime, self.node)
         self.worker.start()
@@ -83,9 +86,21 @@ class Service:
             self._web_thread.start()
         if self.imap:
             self.imap.start()
-        self.smtp.start()  # last: accept mail only once everything behind it runs
+
+    def _bind_smtp(self) -> None:
+        """Every listener is bound before anything else starts (the portal's was bound in
+        `__init__`), so a port already in use stops the start with nothing running. Mail
+        accepted before the worker runs waits in the spool, as after any restart."""
+        smtp = self.runtime.settings.smtp
+        with _listener("[smtp] port", smtp.host, smtp.port):
+            self.smtp.start()
         if self.smtps:
-            self.smtps.start()
+            try:
+                with _listener("[smtp] implicit_tls_port", smtp.host, smtp.implicit_tls_port):
+                    self.smtps.start()
+            except ConfigError:
+                self.smtp.stop()
+                raise
 
     def _serve_web(self) -> None:
         try:
@@ -149,6 +164,24 @@ class Service:
         if ended:
             self.runtime.db.close()
         return ended
+
+
+class _listener:
+    """Turns "address already in use" while binding into a configuration error naming the
+    key to change."""
+
+    def __init__(self, key: str, host: str, port: int) -> None:
+        self.key, self.where = key, f"{host}:{port}"
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            problem = ("is already in use" if exc.errno == errno.EADDRINUSE
+                       else "may not be used by this user")
+            raise ConfigError(f"{self.key}: {self.where} {problem}") from None
+        return False
 
 
 def _within(wait: Callable[[], object], seconds: float, what: str) -> bool:

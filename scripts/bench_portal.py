@@ -29,12 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from waitress.server import create_server  # noqa: E402
 
-from mailbridge.store import tokens  # noqa: E402
 from mailbridge.clock import system_clock  # noqa: E402
 from mailbridge.config import load_settings  # noqa: E402
 from mailbridge.runtime import build_runtime  # noqa: E402
 from mailbridge.shares.members import add_member  # noqa: E402
-from mailbridge.store import schema  # noqa: E402
+from mailbridge.store import (
+    schema,  # noqa: E402
+    tokens,  # noqa: E402
+)
 from mailbridge.store.blobs import put_bytes  # noqa: E402
 from mailbridge.store.models import Account, Document, Grant, Share, WebSession  # noqa: E402
 from mailbridge.web import create_app  # noqa: E402

@@ -52,10 +52,10 @@ from bench_intake import (  # noqa: E402
     write_config,
 )
 
-from mailbridge.store import tokens  # noqa: E402
 from mailbridge.clock import system_clock  # noqa: E402
 from mailbridge.config import load_settings, read_master_key  # noqa: E402
 from mailbridge.runtime import build_runtime  # noqa: E402
+from mailbridge.store import tokens  # noqa: E402
 from mailbridge.store.models import Account, Grant, Share, WebSession  # noqa: E402
 
 REPLY_TO = re.compile(r"reply\+[0-9a-f]{40}@[^\s>]+")

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import argparse
 import mimetypes
+import re
 import smtplib
 import sys
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import make_msgid
 from pathlib import Path
 
 
 def build(sender: str, recipients: list[str], files: list[Path], subject: str,
           sharing: str) -> bytes:
-    msg = EmailMessage()
+    msg = EmailMessage(policy=SMTP)  # CRLF line ends, as SMTP requires
     msg["From"] = sender
     msg["To"] = sharing
     msg["Subject"] = subject
@@ -55,7 +57,9 @@ def main() -> int:
     else:
         if len(args.paths) != 1:
             ap.error("give one .eml file, or use --from/--to with documents")
-        raw = args.paths[0].read_bytes()
+        # .eml files saved on Unix end lines with LF alone; SMTP needs CRLF, or the server
+        # reads the whole message as one line ("500 Line too long").
+        raw = re.sub(rb"\r?\n", b"\r\n", args.paths[0].read_bytes())
         envelope_from = ""
         for line in raw.splitlines():
             if line.lower().startswith(b"from:"):

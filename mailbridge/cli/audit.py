@@ -13,8 +13,10 @@ import sys
 import click
 
 from mailbridge.cli.context import Context, pass_ctx
+from mailbridge.clock import system_clock
 from mailbridge.shares import clinics, records
 from mailbridge.store import audit
+from mailbridge.store.states import Audit
 
 
 def parse_day(value: str | None, option: str) -> dt.datetime | None:
@@ -128,6 +130,12 @@ def audit_export(ctx: Context, share_id: int | None, clinic_name: str | None,
                 length=records.count(selection), label="exporting", file=sys.stderr))
             events = _counted(events, bar)
         written = _write(out, fmt, events)
+    # After the head was written: the export proves the chain up to itself.
+    with runtime.db.atomic():
+        audit.record(runtime.audit_key, Audit.AUDIT_EXPORTED, system_clock(), actor="operator",
+                     clinic=clinic, share=share_id,
+                     detail={"events": written, "format": fmt,
+                             **{k: v for k, v in (("since", since), ("until", until)) if v}})
     if output:
         click.echo(f"{written} event(s) written to {output}", err=True)
 

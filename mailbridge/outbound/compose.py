@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import importlib.resources
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -15,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from mailbridge.clock import system_clock
+from mailbridge.outbound.html import text_to_html
 from mailbridge.outcomes import Notice
 from mailbridge.settings import Settings
 
@@ -29,19 +31,42 @@ COMMAND_TEMPLATES = {"revoke": "command_revoke.txt", "resend": "command_resend.t
                      "extend": "command_extend.txt", "status": "status.txt", "help": "help.txt"}
 
 
+@dataclass(frozen=True)
+class ShareRef:
+    """The share a notice to a member is about: named in the notice (title, date, recipients)
+    and threaded under the share's receipt with the receipt's subject, so every mail client
+    files the notice with the receipt."""
+
+    title: str
+    shared_text: str
+    recipients: tuple[str, ...]
+    receipt_subject: str
+    receipt_message_id: str
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """The member's message a notice answers when it made no share: quoted by subject and
+    date."""
+
+    subject: str
+    date_text: str
+
+
 def link_url(base_url: str, token: str) -> str:
     """The portal link a recipient gets for a grant's token."""
     return f"{base_url.rstrip('/')}/s/{token}"
 
 
 def link_email(settings: Settings, *, to: str, link_url: str, clinic_name: str,
-               sender_name: str, document_count: int, deadline_text: str,
+               sender_name: str, document_count: int, deadline_text: str, contact: str = "",
                templates: Path | None = None, now: dt.datetime | None = None) -> EmailMessage:
     """The e-mail to one recipient. It carries no PHI: it is never given the subject, the
-    filenames or the note, only who shared how many documents and the link."""
+    filenames or the note, only who shared how many documents, the link and the clinic's
+    contact line."""
     values = dict(to=to, link_url=link_url, clinic_name=_one_line(clinic_name),
                   sender_name=_one_line(sender_name), document_count=document_count,
-                  deadline_text=deadline_text)
+                  deadline_text=deadline_text, contact=_one_line(contact))
     subject, text = _render_text(settings, templates, "link.txt", values)
     html = _render(settings, templates, "link.html", values)
     return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
@@ -65,30 +90,61 @@ def receipt_email(settings: Settings, *, to: str, sender_name: str, share_title:
 
 
 def notice_email(settings: Settings, *, to: str, code: str, details: dict,
-                 in_reply_to: str | None, templates: Path | None = None,
+                 in_reply_to: str | None, about: ShareRef | None = None,
+                 original: MessageRef | None = None, templates: Path | None = None,
                  now: dt.datetime | None = None) -> EmailMessage:
-    """One plain-language notice to a member: what was wrong and how to fix it."""
+    """One plain-language notice to a member: what was wrong and how to fix it — naming the
+    share (`about`, threaded under its receipt) or quoting the message that made none
+    (`original`)."""
     if code not in NOTICE_CODES:
         raise ValueError(f"unknown notice code {code!r}")
-    subject, text = _render_text(settings, templates, f"notice_{code}.txt",
-                                 dict(to=to, details=details))
-    return _message(settings, to=to, subject=subject, text=text, now=now,
-                    in_reply_to=in_reply_to)
+    return _member_mail(settings, templates, f"notice_{code}.txt",
+                        dict(to=to, details=details), to=to, about=about, original=original,
+                        in_reply_to=in_reply_to, now=now)
 
 
 def command_reply_email(settings: Settings, *, to: str, command: str, values: dict,
                         reply_address: str | None, in_reply_to: str | None,
-                        thread_subject: str | None = None, templates: Path | None = None,
+                        thread_subject: str | None = None, about: ShareRef | None = None,
+                        templates: Path | None = None,
                         now: dt.datetime | None = None) -> EmailMessage:
     """The answer to a member's reply command, threaded under their message. `reply_address`
     (the share's reply+key address, when known) lets them send the next command by replying;
     `thread_subject` is their message's subject, kept so mail clients group the thread."""
-    subject, text = _render_text(settings, templates, COMMAND_TEMPLATES[command],
-                                 dict(to=to, **values))
+    values = dict(to=to, **values)
+    html = (_render(settings, templates, "status.html", {**values, "about": about})
+            if command == "status" and "status" in values else None)
+    message = _member_mail(settings, templates, COMMAND_TEMPLATES[command], values, to=to,
+                           about=about, in_reply_to=in_reply_to, reply_to=reply_address,
+                           html=html, now=now, thread=False)
     if thread_subject and thread_subject.strip():
-        subject = reply_subject(thread_subject)
-    return _message(settings, to=to, subject=subject, text=text, now=now,
-                    reply_to=reply_address, in_reply_to=in_reply_to)
+        message.replace_header("Subject", reply_subject(thread_subject))
+    return message
+
+
+def share_notice_email(settings: Settings, *, to: str, template: str, values: dict,
+                       about: ShareRef, reply_to: str | None = None,
+                       templates: Path | None = None,
+                       now: dt.datetime | None = None) -> EmailMessage:
+    """A notice to a member about one of their shares (a colleague acted on it, a recipient
+    asks for a new link), threaded under its receipt."""
+    return _member_mail(settings, templates, template, dict(to=to, **values), to=to,
+                        about=about, in_reply_to=None, reply_to=reply_to, now=now)
+
+
+def staff_code_email(settings: Settings, *, to: str, code: str, minutes: int,
+                     templates: Path | None = None,
+                     now: dt.datetime | None = None) -> EmailMessage:
+    """The one-time code a member enters to set up (or reset) their console password."""
+    subject, text = _render_text(settings, templates, "staff_code.txt",
+                                 dict(to=to, code=code, minutes=minutes))
+    return _message(settings, to=to, subject=subject, text=text, now=now)
+
+
+def receipt_subject(share_title: str) -> str:
+    """What receipt.txt writes as the subject (for a receipt whose outbox row is gone)."""
+    title = _one_line(share_title)
+    return f"Shared: {title}" if title else "Your documents were shared"
 
 
 def reply_subject(subject: str) -> str:
@@ -97,11 +153,12 @@ def reply_subject(subject: str) -> str:
 
 
 def recipient_revoked_email(settings: Settings, *, to: str, clinic_name: str, sender_name: str,
-                            templates: Path | None = None,
+                            contact: str = "", templates: Path | None = None,
                             now: dt.datetime | None = None) -> EmailMessage:
     """Tells a recipient their access was withdrawn. No PHI, like the link e-mail: never the
     subject, the filenames or the note."""
-    values = dict(to=to, clinic_name=_one_line(clinic_name), sender_name=_one_line(sender_name))
+    values = dict(to=to, clinic_name=_one_line(clinic_name), sender_name=_one_line(sender_name),
+                  contact=_one_line(contact))
     subject, text = _render_text(settings, templates, "revoked_recipient.txt", values)
     return _message(settings, to=to, subject=subject, text=text, now=now,
                     from_name=f"{values['clinic_name']} via {service_name(settings)}")
@@ -109,13 +166,13 @@ def recipient_revoked_email(settings: Settings, *, to: str, clinic_name: str, se
 
 def reminder_email(settings: Settings, *, to: str, link_url: str | None, clinic_name: str,
                    sender_name: str, document_count: int, sent_text: str, deadline_text: str,
-                   templates: Path | None = None, now: dt.datetime | None = None
-                   ) -> EmailMessage:
+                   contact: str = "", templates: Path | None = None,
+                   now: dt.datetime | None = None) -> EmailMessage:
     """The one reminder before an unclaimed link expires. No PHI, like the link e-mail. Without
     `link_url` (the link could not be recovered) it points to the first e-mail instead."""
     values = dict(to=to, link_url=link_url, clinic_name=_one_line(clinic_name),
                   sender_name=_one_line(sender_name), document_count=document_count,
-                  sent_text=sent_text, deadline_text=deadline_text)
+                  sent_text=sent_text, deadline_text=deadline_text, contact=_one_line(contact))
     subject, text = _render_text(settings, templates, "reminder.txt", values)
     html = _render(settings, templates, "reminder.html", values)
     return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
@@ -124,28 +181,26 @@ def reminder_email(settings: Settings, *, to: str, link_url: str | None, clinic_
 
 def first_view_email(settings: Settings, *, to: str, sender_name: str, recipient: str,
                      shared_text: str, opened_text: str, in_reply_to: str | None,
-                     templates: Path | None = None, now: dt.datetime | None = None
-                     ) -> EmailMessage:
+                     about: ShareRef | None = None, templates: Path | None = None,
+                     now: dt.datetime | None = None) -> EmailMessage:
     """Tells the sender a recipient opened the share for the first time; threaded under the
-    receipt (`in_reply_to`)."""
+    receipt."""
     values = dict(to=to, sender_name=_one_line(sender_name), recipient=_one_line(recipient),
                   shared_text=shared_text, opened_text=opened_text)
-    subject, text = _render_text(settings, templates, "first_view.txt", values)
-    return _message(settings, to=to, subject=subject, text=text, now=now,
-                    in_reply_to=in_reply_to)
+    return _member_mail(settings, templates, "first_view.txt", values, to=to, about=about,
+                        in_reply_to=in_reply_to, now=now)
 
 
 def expiry_summary_email(settings: Settings, *, to: str, sender_name: str,
                          addresses: list[str], shared_text: str, in_reply_to: str | None,
-                         templates: Path | None = None, now: dt.datetime | None = None
-                         ) -> EmailMessage:
+                         about: ShareRef | None = None, templates: Path | None = None,
+                         now: dt.datetime | None = None) -> EmailMessage:
     """One message per share: which recipients let their link lapse. Threaded under the
     receipt, so a `resend` reply is matched to the share by its references."""
     values = dict(to=to, sender_name=_one_line(sender_name), addresses=list(addresses),
                   shared_text=shared_text)
-    subject, text = _render_text(settings, templates, "expiry_summary.txt", values)
-    return _message(settings, to=to, subject=subject, text=text, now=now,
-                    reply_to=settings.outbound.from_, in_reply_to=in_reply_to)
+    return _member_mail(settings, templates, "expiry_summary.txt", values, to=to, about=about,
+                        in_reply_to=in_reply_to, reply_to=settings.outbound.from_, now=now)
 
 
 def code_email(settings: Settings, *, to: str, code: str, minutes: int,
@@ -165,6 +220,22 @@ def reset_email(settings: Settings, *, to: str, reset_url: str, minutes: int,
 
 
 # --- rendering -----------------------------------------------------------------------------
+
+
+def _member_mail(settings: Settings, templates: Path | None, name: str, values: dict, *,
+                 to: str, about: ShareRef | None, in_reply_to: str | None,
+                 original: MessageRef | None = None, reply_to: str | None = None,
+                 html: str | None = None, thread: bool = True,
+                 now: dt.datetime | None = None) -> EmailMessage:
+    """A member's notice: the share it is about named at the top (or the message that made no
+    share quoted); with `thread`, filed under the share's receipt as `Re: <its subject>`."""
+    subject, text = _render_text(settings, templates, name,
+                                 {**values, "about": about, "original": original})
+    if about is not None and thread:
+        subject = reply_subject(about.receipt_subject)
+        in_reply_to = about.receipt_message_id or in_reply_to
+    return _message(settings, to=to, subject=subject, text=text, html=html, now=now,
+                    reply_to=reply_to, in_reply_to=in_reply_to, templates=templates)
 
 
 def megabytes(n: int) -> str:
@@ -216,7 +287,8 @@ def _one_line(value: str) -> str:
 
 def _message(settings: Settings, *, to: str, subject: str, text: str, html: str | None = None,
              from_name: str | None = None, reply_to: str | None = None,
-             in_reply_to: str | None = None, now: dt.datetime | None = None) -> EmailMessage:
+             in_reply_to: str | None = None, now: dt.datetime | None = None,
+             templates: Path | None = None) -> EmailMessage:
     # The SMTP policy writes CRLF line ends: the bytes go to the relay unchanged.
     msg = EmailMessage(policy=SMTP)
     msg["From"] = Address(display_name=from_name or service_name(settings),
@@ -235,8 +307,9 @@ def _message(settings: Settings, *, to: str, subject: str, text: str, html: str 
     msg["Auto-Submitted"] = "auto-replied" if original else "auto-generated"
     msg["X-Auto-Response-Suppress"] = "All"  # keeps Exchange out-of-office replies away
     msg.set_content(text, cte=_transfer_encoding(text))
-    if html is not None:
-        msg.add_alternative(html, subtype="html", cte=_transfer_encoding(html))
+    if html is None:  # every e-mail has an HTML part; without a template, from the text
+        html = _render(settings, templates, "generic.html", dict(body=text_to_html(text)))
+    msg.add_alternative(html, subtype="html", cte=_transfer_encoding(html))
     return msg
 
 

@@ -164,8 +164,11 @@ def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
         # The relay has it and it is recorded: a failing QUIT changes nothing.
     if row.kind in ("link", "code", "reset") and isinstance(mailer, MaildirMailer):
         # Local demo only: what a person needs from the e-mail (link or code), printed.
+        # Grant id and recipient domain tell links apart; the full address stays out of logs.
+        whom = (f" (grant #{row.grant_id}, to …@{row.to_addr.rpartition('@')[2]})"
+                if row.grant_id is not None else "")
         for url in mailer.find_links(raw):
-            out(f"{row.kind} e-mail #{row.id} written to {mailer.path}: {url}")
+            out(f"{row.kind} e-mail #{row.id}{whom} written to {mailer.path}: {url}")
         if row.kind == "code":
             out(f"code e-mail #{row.id} written to {mailer.path}: {mailer.subject(raw)}")
     return "sent"

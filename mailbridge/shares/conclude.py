@@ -9,6 +9,7 @@ from email.message import EmailMessage
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Ignore, Reject
 from mailbridge.runtime import Runtime
+from mailbridge.shares.reply import original_of
 from mailbridge.store import audit, inbound, seen
 from mailbridge.store.models import InboundMessage, Member
 from mailbridge.store.states import Audit, Inbound, Mail
@@ -60,7 +61,8 @@ def reject(runtime: Runtime, row: InboundMessage, outcome: Reject, member: Membe
     now = runtime.clock()
     notice = compose.notice_email(runtime.settings, to=member.email, code=outcome.code,
                                   details=outcome.details,
-                                  in_reply_to=message.get("Message-ID"))
+                                  in_reply_to=message.get("Message-ID"),
+                                  original=original_of(message, member.clinic.timezone))
     with runtime.db.atomic():
         seen.remember(member, keys, row, now)
         outbox.enqueue(runtime, notice, kind=Mail.NOTICE, to_addr=member.email)

@@ -87,7 +87,8 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
             link = compose.link_email(settings, to=address,
                                       link_url=compose.link_url(settings.service.base_url, token),
                                       clinic_name=rules.display_name, sender_name=member.name,
-                                      document_count=len(blobs), deadline_text=when)
+                                      document_count=len(blobs), deadline_text=when,
+                                      contact=rules.contact)
             outbox.enqueue(runtime, link, kind=Mail.LINK, to_addr=address, share=share,
                            grant=grant)
         receipt = compose.receipt_email(

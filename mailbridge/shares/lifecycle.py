@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 from mailbridge.clock import local_text
 from mailbridge.mail.addresses import normalise
 from mailbridge.outbound import compose, outbox
 from mailbridge.runtime import Runtime
-from mailbridge.shares import clinics
-from mailbridge.store import audit, sealed, tokens
-from mailbridge.store.models import AuditEvent, Document, Grant, OutboundMessage, Share
+from mailbridge.shares import clinics, status
+from mailbridge.store import audit, tokens
+from mailbridge.store.models import Grant, Share
 from mailbridge.store.states import LIVE, Audit, Delivery, GrantState, Mail, grant_state
 
 
@@ -70,7 +69,7 @@ def revoke(runtime: Runtime, share: Share, *, address: str | None = None,
     if address is not None and not grants:
         return _not_a_recipient(address)
     settings = runtime.settings
-    display_name = clinics.policy(share.clinic, settings).display_name
+    rules = clinics.policy(share.clinic, settings)
     now = runtime.clock()
     lines, changed = [], []
     with runtime.db.atomic():
@@ -94,8 +93,8 @@ def revoke(runtime: Runtime, share: Share, *, address: str | None = None,
                          detail={"was": was})
             if settings.notifications.recipient_revoked and grant.delivery != Delivery.FAILED:
                 notice = compose.recipient_revoked_email(
-                    settings, to=grant.address, clinic_name=display_name,
-                    sender_name=share.sender.name, now=now)
+                    settings, to=grant.address, clinic_name=rules.display_name,
+                    sender_name=share.sender.name, contact=rules.contact, now=now)
                 outbox.enqueue(runtime, notice, kind=Mail.REVOKED, to_addr=grant.address,
                                share=share, grant=grant)
         if address is None and changed:
@@ -165,7 +164,8 @@ def resend(runtime: Runtime, share: Share, *, address: str | None = None,
                                       link_url=compose.link_url(settings.service.base_url, token),
                                       clinic_name=rules.display_name,
                                       sender_name=share.sender.name,
-                                      document_count=documents, deadline_text=when, now=now)
+                                      document_count=documents, deadline_text=when,
+                                      contact=rules.contact, now=now)
             outbox.enqueue(runtime, link, kind=Mail.LINK, to_addr=grant.address, share=share,
                            grant=grant)
     if changed:
@@ -226,88 +226,10 @@ def extend(runtime: Runtime, share: Share, *, hours: float | None = None,
 
 
 def status_report(runtime: Runtime, share: Share) -> str:
-    """Plain text, per recipient: link sent, delivered to the relay, link opened, claimed,
-    each document viewed/downloaded, revoked/expired — times in the clinic's time zone."""
-    now = runtime.clock()
-    tz = share.clinic.timezone
-    documents = list(share.documents.order_by(Document.position, Document.id))
-    names = {d.id: sealed.document_name(runtime.phi_key, d) for d in documents}
-    grants = _grants(share, None)
-    sent = _link_sent_times(grants)
-    events = _grant_events(grants)
-    title = sealed.share_title(runtime.phi_key, share)
-    title = f' "{title}"' if title else ""
-    out = [f"Share{title} from {share.sender.name}, {local_text(share.created_at, tz)}",
-           f"Documents: {', '.join(names.values()) or 'none'}",
-           f"Times are in {tz}.", ""]
-    for grant in grants:
-        out.extend(_recipient_lines(grant, effective_state(grant, now), tz, sent.get(grant.id),
-                                    events.get(grant.id, []), names))
-        out.append("")
-    return "\n".join(out).rstrip("\n") + "\n"
-
-
-def _link_sent_times(grants: list[Grant]) -> dict[int, dt.datetime]:
-    """The latest link e-mail handed to the relay per grant (after a resend, the new one)."""
-    if not grants:
-        return {}
-    rows = (OutboundMessage.select(OutboundMessage.grant, OutboundMessage.sent_at)
-            .where(OutboundMessage.grant.in_([g.id for g in grants])
-                   & (OutboundMessage.kind == "link") & OutboundMessage.sent_at.is_null(False))
-            .order_by(OutboundMessage.sent_at))
-    return {row.grant_id: row.sent_at for row in rows}
-
-
-REPORTED_EVENTS = ("link_shown", "document_viewed", "document_downloaded")
-
-
-def _grant_events(grants: list[Grant]) -> dict[int, list[AuditEvent]]:
-    found: dict[int, list[AuditEvent]] = defaultdict(list)
-    if not grants:
-        return found
-    rows = (AuditEvent.select()
-            .where(AuditEvent.grant.in_([g.id for g in grants])
-                   & AuditEvent.kind.in_(REPORTED_EVENTS))
-            .order_by(AuditEvent.at, AuditEvent.id))
-    for event in rows:
-        found[event.grant_id].append(event)
-    return found
-
-
-def _recipient_lines(grant: Grant, state: str, tz: str, sent_at: dt.datetime | None,
-                     events: list[AuditEvent], names: dict[int, str]) -> list[str]:
-    def at(when: dt.datetime | None, otherwise: str) -> str:
-        return local_text(when, tz) if when is not None else otherwise
-
-    delivered = {Delivery.SENT: "yes",
-                 Delivery.FAILED: "no, the recipient's mail system refused it",
-                 Delivery.QUEUED: "not yet"}.get(grant.delivery, grant.delivery)
-    opened = next((e.at for e in events if e.kind == "link_shown"), None)
-    lines = [f"{grant.address}: {state}",
-             f"  link sent:           {at(sent_at, 'not yet')}",
-             f"  delivered to relay:  {delivered}",
-             f"  link opened:         {at(opened, 'not yet')}",
-             f"  claimed:             {at(grant.claimed_at, 'not yet')}"]
-    for (document_id, kind), seen in _by_document(events).items():
-        verb = "viewed" if kind == "document_viewed" else "downloaded"
-        name = names.get(document_id, "a document")
-        times = f", {len(seen)} times, last {local_text(seen[-1], tz)}" if len(seen) > 1 else ""
-        lines.append(f"  {verb} {name}: {local_text(seen[0], tz)}{times}")
-    if state == GrantState.REVOKED:
-        lines.append(f"  revoked:             {at(grant.ended_at, 'yes')}")
-    elif state == GrantState.EXPIRED:
-        lines.append(f"  expired:             {at(grant.ended_at or grant.deadline, 'yes')}")
-    elif state == GrantState.PENDING:
-        lines.append(f"  can be claimed until {local_text(grant.deadline, tz)}")
-    return lines
-
-
-def _by_document(events: list[AuditEvent]) -> dict[tuple[int, str], list[dt.datetime]]:
-    seen: dict[tuple[int, str], list[dt.datetime]] = {}
-    for event in events:
-        if event.kind in ("document_viewed", "document_downloaded") and event.document_id:
-            seen.setdefault((event.document_id, event.kind), []).append(event.at)
-    return seen
+    """Plain text, per recipient (see `shares.status`): link sent, delivered to the relay,
+    opened by a person, claimed, each document viewed/downloaded, revoked/expired — times in
+    the clinic's time zone."""
+    return status.share_status(runtime, share).text()
 
 
 def _count(n: int, noun: str) -> str:

@@ -47,6 +47,16 @@ def add_member(email: str, name: str, clinic_name: str, now: dt.datetime, *,
                          created_at=now)
 
 
+def set_admin(email: str, admin: bool) -> Member:
+    """Make a member an admin of their clinic, or no longer one."""
+    member = Member.get_or_none(Member.email == normalise_address(email))
+    if member is None:
+        raise MemberError(f"{email} is not a member")
+    member.is_admin = admin
+    member.save()
+    return member
+
+
 def disable_member(email: str) -> Member:
     address = normalise_address(email)
     member = Member.get_or_none(Member.email == address)

@@ -20,6 +20,7 @@ from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Notice
 from mailbridge.runtime import Runtime
 from mailbridge.shares import clinics
+from mailbridge.shares.notices import share_ref
 from mailbridge.store import audit, tokens
 from mailbridge.store.models import Grant, OutboundMessage, Share
 from mailbridge.store.states import Audit, Delivery, GrantState, Mail
@@ -36,9 +37,10 @@ def remind(runtime: Runtime, grant_id: int) -> bool:
     share = grant.share
     timezone = share.clinic.timezone
     link, sent_at = current_link(runtime, grant)
-    display_name = clinics.policy(share.clinic, runtime.settings).display_name
+    rules = clinics.policy(share.clinic, runtime.settings)
     message = compose.reminder_email(
-        runtime.settings, to=grant.address, link_url=link, clinic_name=display_name,
+        runtime.settings, to=grant.address, link_url=link, clinic_name=rules.display_name,
+        contact=rules.contact,
         sender_name=share.sender.name, document_count=share.documents.count(),
         sent_text=local_text(sent_at, timezone),
         deadline_text=local_text(grant.deadline, timezone), now=runtime.clock())
@@ -97,7 +99,8 @@ def first_view(runtime: Runtime, grant: Grant) -> bool:
             runtime.settings, to=sender.email, sender_name=sender.name,
             recipient=grant.address, shared_text=local_text(share.created_at, timezone),
             opened_text=local_text(now, timezone),
-            in_reply_to=share.receipt_message_id or None, now=now)
+            in_reply_to=share.receipt_message_id or None, about=share_ref(runtime, share),
+            now=now)
         outbox.enqueue(runtime, message, kind=Mail.FIRST_VIEW, to_addr=sender.email, share=share,
                        grant=grant)
     outbox.notify(runtime)
@@ -129,7 +132,8 @@ def expiry_summary(runtime: Runtime, share_id: int) -> int:
             message = compose.expiry_summary_email(
                 runtime.settings, to=sender.email, sender_name=sender.name, addresses=reported,
                 shared_text=local_text(share.created_at, share.clinic.timezone),
-                in_reply_to=share.receipt_message_id or None, now=now)
+                in_reply_to=share.receipt_message_id or None, about=share_ref(runtime, share),
+                now=now)
             outbox.enqueue(runtime, message, kind=Mail.EXPIRY_SUMMARY, to_addr=sender.email,
                            share=share)
         audit.record(runtime.audit_key, Audit.EXPIRY_REPORTED, now, share=share,
@@ -181,7 +185,8 @@ def link_failed(runtime: Runtime, grant_id: int, *, event: str, reason: str,
                                       code=Notice.LINK_UNDELIVERABLE,
                                       details={"address": grant.address,
                                                "status": refusal_status(reason)},
-                                      in_reply_to=share.receipt_message_id or None, now=now)
+                                      in_reply_to=share.receipt_message_id or None,
+                                      about=share_ref(runtime, share), now=now)
         outbox.enqueue(runtime, notice, kind=Mail.NOTICE, to_addr=sender.email, share=share)
     return True
 

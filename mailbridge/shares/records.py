@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import peewee
+
 from mailbridge.clock import local_text
 from mailbridge.runtime import Runtime
 from mailbridge.store import audit, sealed
@@ -23,16 +25,19 @@ FIELDS = ("seq", "time_local", "time_utc", "kind", "actor", "share", "recipient"
 
 @dataclass(frozen=True)
 class Selection:
-    """Which events: all of them, or those of one share, one clinic, or a time range."""
+    """Which events: all of them, or those of one share, one clinic, one recipient (events
+    of their grants, or done by them), one actor, or a time range (UTC)."""
 
     share_id: int | None = None
     clinic: Clinic | None = None
+    recipient: str | None = None
+    actor: str | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
 
 
 def count(selection: Selection) -> int:
-    return _query(selection).count()
+    return query(selection).count()
 
 
 def rows(runtime: Runtime, selection: Selection) -> Iterator[dict]:
@@ -42,11 +47,11 @@ def rows(runtime: Runtime, selection: Selection) -> Iterator[dict]:
     names = _Names(runtime)
     last = 0
     while True:
-        query = (_query(selection).select(*COLUMNS).where(AuditEvent.seq > last)
+        page_query = (query(selection).select(*COLUMNS).where(AuditEvent.seq > last)
                  .order_by(AuditEvent.seq).limit(PAGE))
         # The database's own rows, converted here: peewee's per-field conversion was most of
         # the time an export took.
-        page = [_Event(*row) for row in runtime.db.execute(query).fetchall()]
+        page = [_Event(*row) for row in runtime.db.execute(page_query).fetchall()]
         if not page:
             return
         names.load(page)
@@ -55,24 +60,31 @@ def rows(runtime: Runtime, selection: Selection) -> Iterator[dict]:
         last = page[-1].seq
 
 
-def _query(selection: Selection):
-    query = AuditEvent.select()
+def query(selection: Selection) -> peewee.Select:
+    """The selected events (unordered): for a count, a page, or a newest-first list."""
+    events = AuditEvent.select()
     if selection.share_id is not None:
         grants = Grant.select(Grant.id).where(Grant.share == selection.share_id)
-        query = query.where((AuditEvent.share == selection.share_id)
-                            | AuditEvent.grant.in_(grants))
+        events = events.where((AuditEvent.share == selection.share_id)
+                              | AuditEvent.grant.in_(grants))
     if selection.clinic is not None:
         shares = Share.select(Share.id).where(Share.clinic == selection.clinic)
         members = Member.select(Member.id).where(Member.clinic == selection.clinic)
         grants = Grant.select(Grant.id).where(Grant.share.in_(shares))
-        query = query.where(AuditEvent.share.in_(shares) | AuditEvent.member.in_(members)
-                            | AuditEvent.grant.in_(grants)
-                            | (AuditEvent.clinic == selection.clinic))
+        events = events.where(AuditEvent.share.in_(shares) | AuditEvent.member.in_(members)
+                              | AuditEvent.grant.in_(grants)
+                              | (AuditEvent.clinic == selection.clinic))
+    if selection.recipient:
+        grants = Grant.select(Grant.id).where(Grant.address == selection.recipient)
+        events = events.where(AuditEvent.grant.in_(grants)
+                              | (AuditEvent.actor == selection.recipient))
+    if selection.actor:
+        events = events.where(AuditEvent.actor == selection.actor)
     if selection.since is not None:
-        query = query.where(AuditEvent.at >= selection.since)
+        events = events.where(AuditEvent.at >= selection.since)
     if selection.until is not None:
-        query = query.where(AuditEvent.at < selection.until)
-    return query
+        events = events.where(AuditEvent.at < selection.until)
+    return events
 
 
 COLUMNS = (AuditEvent.seq, AuditEvent.at, AuditEvent.kind, AuditEvent.actor,

@@ -3,19 +3,22 @@ manage it, run the command, and answer with one threaded reply — all in one tr
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import re
 from dataclasses import dataclass
 from email.message import EmailMessage
 
+from mailbridge.clock import local_text
 from mailbridge.mail.command import Command, extract_command
 from mailbridge.mail.route import Route, classify_address
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Done, Notice, Outcome, Reject
 from mailbridge.runtime import Runtime
 from mailbridge.settings import Settings
-from mailbridge.shares import clinics, lifecycle
+from mailbridge.shares import clinics, lifecycle, status
+from mailbridge.shares.notices import share_ref
 from mailbridge.store import audit, inbound, seen, tokens
 from mailbridge.store.models import InboundMessage, Member, OutboundMessage, Share
 from mailbridge.store.states import Audit, Inbound, Mail
@@ -129,7 +132,7 @@ def handle_reply(runtime: Runtime, row: InboundMessage, message: EmailMessage,
         answer = compose.command_reply_email(
             settings, to=member.email, command=values.pop("template"), values=values,
             reply_address=reply_address, in_reply_to=message.get("Message-ID"),
-            thread_subject=_subject(message), now=now)
+            thread_subject=_subject(message), about=share_ref(runtime, share), now=now)
         outbox.enqueue(runtime, answer, kind=Mail.REPLY, to_addr=member.email, share=share)
         if event:
             audit.record(runtime.audit_key, event, now, actor=member.email, share=share,
@@ -153,8 +156,9 @@ def _run(runtime: Runtime, share: Share, command: Command,
     values = dict(sender_name=member.name, claim_hours=f"{claim_hours:g}")
     actor = member.email
     if command.name == "status":
-        return {**values, "template": "status",
-                "report": lifecycle.status_report(runtime, share)}, Audit.STATUS_SENT
+        report = status.share_status(runtime, share)
+        return {**values, "template": "status", "report": report.text(),
+                "status": report}, Audit.STATUS_SENT
     if command.name in ("revoke", "resend"):
         operation = lifecycle.revoke if command.name == "revoke" else lifecycle.resend
         result = operation(runtime, share, address=command.argument or None, actor=actor)
@@ -184,6 +188,22 @@ def _hours(argument: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def original_of(message: EmailMessage, timezone: str) -> compose.MessageRef:
+    """The member's message as a notice quotes it: its subject and its Date (in `timezone`;
+    as written when it cannot be read)."""
+    date = ""
+    try:
+        value = message.get("Date")
+        when = getattr(value, "datetime", None) if value is not None else None
+        if when is not None and when.tzinfo is not None:
+            date = local_text(when.astimezone(dt.UTC).replace(tzinfo=None), timezone)
+        elif value is not None:
+            date = " ".join(str(value).split())
+    except Exception:  # noqa: BLE001 - hostile headers can trip the stdlib's parser
+        date = ""
+    return compose.MessageRef(subject=_subject(message) or "", date_text=date or "unknown")
+
+
 def _subject(message: EmailMessage) -> str | None:
     try:
         value = message.get("Subject")
@@ -199,7 +219,9 @@ def _refuse(runtime: Runtime, row: InboundMessage, message: EmailMessage, member
     now = runtime.clock()
     notice = compose.notice_email(settings, to=member.email, code=code,
                                   details={"admins": settings.shares.allow_clinic_admins},
-                                  in_reply_to=message.get("Message-ID"), now=now)
+                                  in_reply_to=message.get("Message-ID"),
+                                  original=original_of(message, share.clinic.timezone
+                                                       if share else "UTC"), now=now)
     with runtime.db.atomic():
         seen.remember(member, keys, row, now)
         outbox.enqueue(runtime, notice, kind=Mail.NOTICE, to_addr=member.email)

@@ -225,10 +225,12 @@ class SeenMessage(BaseModel):
 
 
 class WebSession(BaseModel):
-    """A portal session; the browser holds a random id, we store only its hash."""
+    """A portal session; the browser holds a random id, we store only its hash. Signed in, it
+    is either a recipient's (`account`) or a staff member's (`member`), never both."""
 
     id_hash = pw.CharField(max_length=64, primary_key=True)
     account = pw.ForeignKeyField(Account, null=True, backref="sessions", on_delete="CASCADE")
+    member = pw.ForeignKeyField(Member, null=True, backref="sessions", on_delete="CASCADE")
     data = JSONField(default=dict)  # CSRF token, a mailbox proven by code before sign-up
     created_at = pw.DateTimeField()
     last_seen_at = pw.DateTimeField(index=True)
@@ -248,6 +250,39 @@ class OneTimeCode(BaseModel):
     used_at = pw.DateTimeField(null=True)
 
 
+class StaffAccount(BaseModel):
+    """A member's staff console password; the address was proven by a one-time code. Apart
+    from recipients' `Account`s: the same address can be both, with two passwords."""
+
+    member = pw.ForeignKeyField(Member, unique=True, backref="staff_accounts",
+                                on_delete="CASCADE")
+    password_hash = pw.CharField(max_length=200)
+    created_at = pw.DateTimeField()
+    verified_at = pw.DateTimeField()
+
+
+class StaffCode(BaseModel):
+    """A 6-digit code e-mailed to a member's address: first sign-in or a forgotten password."""
+
+    member = pw.ForeignKeyField(Member, backref="staff_codes", on_delete="CASCADE")
+    code_hash = pw.CharField(max_length=200)
+    created_at = pw.DateTimeField()
+    expires_at = pw.DateTimeField()
+    attempts = pw.IntegerField(default=0)
+    used_at = pw.DateTimeField(null=True)
+
+
+class StaffPasskey(BaseModel):
+    """A member's WebAuthn credential (a passkey): the public key and its signature counter."""
+
+    member = pw.ForeignKeyField(Member, backref="passkeys", on_delete="CASCADE")
+    credential_id = pw.CharField(max_length=1400, unique=True)  # base64url
+    public_key = pw.BlobField()
+    sign_count = pw.BigIntegerField(default=0)
+    created_at = pw.DateTimeField()
+    last_used_at = pw.DateTimeField(null=True)
+
+
 class PasswordReset(BaseModel):
     account = pw.ForeignKeyField(Account, backref="resets", on_delete="CASCADE")
     token_hash = pw.CharField(max_length=64, unique=True)
@@ -258,4 +293,4 @@ class PasswordReset(BaseModel):
 
 ALL_MODELS = [SchemaVersion, Clinic, Member, InboundMessage, Share, Document, Account, Grant,
               OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset, SeenMessage,
-              AuditHead, AuditCheckpoint]
+              AuditHead, AuditCheckpoint, StaffAccount, StaffCode, StaffPasskey]

@@ -161,6 +161,16 @@ def _v8_records(db: peewee.Database, keys: Keys | None) -> None:
         models.AuditHead.insert(id=1, seq=0, mac="").on_conflict_ignore().execute()
 
 
+def _v9_staff(db: peewee.Database, keys: Keys | None) -> None:
+    """The staff console: members' passwords, codes and passkeys, and member sessions."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    db.create_tables([models.StaffAccount, models.StaffCode, models.StaffPasskey], safe=True)
+    if "member_id" not in {c.name for c in db.get_columns("web_session")}:
+        migrate(SchemaMigrator.from_database(db).add_column("web_session", "member_id",
+                                                            models.WebSession.member))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -171,6 +181,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (6, "titles, notes, file names and error text sealed (PHI at rest)", _v6_sealed_phi),
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
     (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
+    (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
 ]
 LATEST = MIGRATIONS[-1][0]
 

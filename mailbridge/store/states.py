@@ -62,10 +62,11 @@ class Mail(StrEnum):
     REPLY = "reply"
     FIRST_VIEW = "first_view"
     EXPIRY_SUMMARY = "expiry_summary"
+    STAFF_CODE = "staff_code"
 
 
 # To recipients and about their account: no PHI in them, so they may travel in clear.
-NO_PHI_MAIL = (Mail.LINK, Mail.REMINDER, Mail.CODE, Mail.RESET, Mail.REVOKED)
+NO_PHI_MAIL = (Mail.LINK, Mail.REMINDER, Mail.CODE, Mail.RESET, Mail.REVOKED, Mail.STAFF_CODE)
 # Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
 VERP_MAIL = (Mail.LINK, Mail.REMINDER)
 
@@ -101,10 +102,14 @@ class Audit(StrEnum):
     # the operator and staff
     MEMBER_ADDED = "member_added"
     MEMBER_DISABLED = "member_disabled"
+    MEMBER_ADMIN_CHANGED = "member_admin_changed"
     CLINIC_ADDED = "clinic_added"
     CLINIC_CHANGED = "clinic_changed"
+    AUDIT_EXPORTED = "audit_exported"  # the export holds PHI: who took one is recorded
     # the portal
-    LINK_SHOWN = "link_shown"
+    LINK_SHOWN = "link_shown"  # a GET of the link page: a person or a mail scanner
+    LINK_CONTINUED = "link_continued"  # Continue pressed (a POST): a person
+    RESEND_REQUESTED = "resend_requested"  # "Ask for a new link" on an expired link
     CODE_SENT = "code_sent"
     CODE_FAILED = "code_failed"
     CODE_VERIFIED = "code_verified"
@@ -122,6 +127,15 @@ class Audit(StrEnum):
     DOCUMENT_VIEWED = "document_viewed"
     DOCUMENT_DOWNLOADED = "document_downloaded"
     ACCESS_DENIED = "access_denied"
+    # the staff console (actor: the member)
+    STAFF_CODE_SENT = "staff_code_sent"
+    STAFF_CODE_FAILED = "staff_code_failed"
+    STAFF_PASSWORD_SET = "staff_password_set"
+    STAFF_SIGNED_IN = "staff_signed_in"
+    STAFF_SIGN_IN_FAILED = "staff_sign_in_failed"
+    STAFF_SIGNED_OUT = "staff_signed_out"
+    PASSKEY_ADDED = "passkey_added"
+    CONSOLE_ACTION = "console_action"
 
 
 def grant_state(state: str, deadline: dt.datetime, now: dt.datetime) -> GrantState:

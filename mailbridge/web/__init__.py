@@ -13,7 +13,17 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from mailbridge.runtime import Runtime, build_runtime
 from mailbridge.settings import Settings
-from mailbridge.web import accounts, documents, library, links
+from mailbridge.web import (
+    accounts,
+    documents,
+    library,
+    link_actions,
+    links,
+    staff_auth,
+    staff_clinic,
+    staff_passkeys,
+    staff_sent,
+)
 from mailbridge.web.access import current_account
 from mailbridge.web.sessions import DatabaseSessionInterface
 
@@ -48,7 +58,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
                       storage_uri=settings.web.ratelimit_storage_uri, default_limits=[],
                       headers_enabled=False)
     app.extensions["mailbridge_limiter"] = limiter
-    for module in (links, accounts, library, documents):
+    for module in (links, link_actions, accounts, library, documents, staff_auth,
+                   staff_passkeys, staff_sent, staff_clinic):
         module.register(app, limiter)
 
     @app.context_processor

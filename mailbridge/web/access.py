@@ -15,6 +15,12 @@ from mailbridge.store import audit
 from mailbridge.store.models import Account, Document, Grant, Share
 from mailbridge.store.states import Audit, GrantState
 
+# The portal's policy allows no script at all (web/__init__.py); the staff pages that handle
+# passkeys load one static file of our own, and talk back to us with fetch().
+CSP_WITH_SCRIPT = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+                   "base-uri 'none'; frame-ancestors 'none'; script-src 'self'; "
+                   "connect-src 'self'")
+
 
 def runtime() -> Runtime:
     return current_app.config["RUNTIME"]

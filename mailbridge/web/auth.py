@@ -38,10 +38,9 @@ class AccountExists(Exception):
     """Never overwrite an account through a link: its owner signs in instead."""
 
 
-def _failures(runtime: Runtime, **where) -> int:
+def _failures(runtime: Runtime, kind: str = Audit.SIGN_IN_FAILED, **where) -> int:
     since = runtime.clock() - WINDOW
-    query = AuditEvent.select().where((AuditEvent.kind == Audit.SIGN_IN_FAILED)
-                                      & (AuditEvent.at > since))
+    query = AuditEvent.select().where((AuditEvent.kind == kind) & (AuditEvent.at > since))
     for field, value in where.items():
         query = query.where(getattr(AuditEvent, field) == value)
     return query.count()
@@ -63,15 +62,22 @@ def device_cookie_value(runtime: Runtime, account: Account) -> str:
     return URLSafeSerializer(runtime.web_key, salt="device").dumps(known)
 
 
+def throttled(runtime: Runtime, address: str, ip: str, kind: str, *,
+              trusted_device: bool) -> bool:
+    """Too many recent failures (audit events of `kind`) for this address from this IP, from
+    this IP, or — unless the browser is trusted for the account — for this address."""
+    return (_failures(runtime, kind, actor=address, ip=ip) >= PER_PAIR
+            or _failures(runtime, kind, ip=ip) >= PER_IP
+            or (not trusted_device and _failures(runtime, kind, actor=address) >= PER_ACCOUNT))
+
+
 def authenticate(runtime: Runtime, address: str, password: str) -> Account | Throttled | None:
     """The account if the password is right; None if not (same answer with no account)."""
     address = address.strip().lower()
     ip = request.remote_addr or ""
     account = Account.get_or_none(Account.email == address)
     trusted_device = account is not None and account.id in _device_accounts(runtime)
-    if (_failures(runtime, actor=address, ip=ip) >= PER_PAIR
-            or _failures(runtime, ip=ip) >= PER_IP
-            or (not trusted_device and _failures(runtime, actor=address) >= PER_ACCOUNT)):
+    if throttled(runtime, address, ip, Audit.SIGN_IN_FAILED, trusted_device=trusted_device):
         return Throttled()
     ok = verify_password(account.password_hash if account else DUMMY_HASH, password)
     now = runtime.clock()

@@ -1,5 +1,6 @@
-"""The link flow: `/s/<token>` shows what was shared; `/s/<token>/next` leads on to proving the
-mailbox with an e-mailed code, creating an account (or signing in) and claiming.
+"""The link flow: `/s/<token>` shows what was shared; its Continue button (a POST, see
+`link_actions`) leads to `/s/<token>/next`: proving the mailbox with an e-mailed code, creating
+an account (or signing in) and claiming.
 
 GETs only show — mail scanners and link previews fetch links — and every change is a POST
 with a CSRF token. A link works only for the address it was sent to.
@@ -28,6 +29,7 @@ from flask_limiter import Limiter
 
 from mailbridge.clock import local_text
 from mailbridge.outbound import compose, outbox
+from mailbridge.shares import clinics
 from mailbridge.shares.lifecycle import effective_state
 from mailbridge.store import tokens
 from mailbridge.store.models import Account, AuditEvent, Grant, OneTimeCode
@@ -79,9 +81,9 @@ def link_step(*, allow_expired: bool = False):
     def decorate(view):
         @functools.wraps(view)
         def checked(token: str):
-            grant = _find(token)
+            grant = find(token)
             if grant is None:
-                return _not_found()
+                return not_found()
             refusal = _refusal(grant, allow_expired=allow_expired)
             if refusal is not None:
                 return refusal
@@ -97,13 +99,13 @@ def link_step(*, allow_expired: bool = False):
 
 @bp.route("/s/<token>", methods=["GET", "HEAD"])
 def link_page(token: str):
-    grant = _find(token)
+    grant = find(token)
     if grant is None:
-        return _not_found()
+        return not_found()
     state = effective_state(grant, access.now())
     if request.method == "GET" and not _shown_lately(grant):
         access.record(Audit.LINK_SHOWN, share=grant.share_id, grant=grant, detail={"state": state})
-    return _state_page(grant, state)
+    return state_page(grant, state)
 
 
 @bp.get("/s/<token>/next")
@@ -208,7 +210,7 @@ def claim(grant: Grant, token: str):
 # --- the pieces ------------------------------------------------------------------------------
 
 
-def _find(token: str) -> Grant | None:
+def find(token: str) -> Grant | None:
     if len(token) > MAX_TOKEN:
         return None
     return Grant.get_or_none(Grant.token_hash == tokens.hash_token(token))
@@ -225,7 +227,7 @@ def _shown_lately(grant: Grant) -> bool:
         .exists())
 
 
-def _not_found():
+def not_found():
     # One page for every bad token: nothing tells a guesser how close it came.
     return render_template("link_unknown.html"), 404
 
@@ -243,15 +245,17 @@ def _refusal(grant: Grant, *, allow_expired: bool = False):
         return None
     if state == GrantState.CLAIMED and account is not None and grant.account_id == account.id:
         return redirect(url_for("library.index"))
-    return _state_page(grant, state)
+    return state_page(grant, state)
 
 
-def _state_page(grant: Grant, state: str):
+def state_page(grant: Grant, state: str, **extra):
     share = grant.share
+    rules = clinics.policy(share.clinic, access.runtime().settings)
     return render_template(
         "link.html", state=state, token=_token_arg(),
         clinic=share.clinic.name, sender=share.sender.name, documents=share.documents.count(),
-        deadline=local_text(grant.deadline, share.clinic.timezone))
+        deadline=local_text(grant.deadline, share.clinic.timezone), contact=rules.contact,
+        **extra)
 
 
 def _token_arg() -> str:
@@ -364,4 +368,4 @@ def _claimed_or_state(grant: Grant, account: Account):
         flash(f"The documents from {grant.share.sender.name} are now in your library.")
         return redirect(url_for("library.index"))
     fresh = Grant.get_by_id(grant.id)
-    return _state_page(fresh, effective_state(fresh, access.now()))
+    return state_page(fresh, effective_state(fresh, access.now()))

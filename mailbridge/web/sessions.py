@@ -20,7 +20,7 @@ from werkzeug.datastructures import CallbackDict
 
 from mailbridge.runtime import Runtime, derive_key
 from mailbridge.store.blobs import seal, unseal
-from mailbridge.store.models import Account, WebSession
+from mailbridge.store.models import Account, Member, WebSession
 from mailbridge.store.tokens import hash_token
 
 COOKIE = "mb_session"
@@ -38,6 +38,7 @@ class ServerSession(CallbackDict, SessionMixin):
         self.modified = False
         self.new_id: str | None = None  # set when the id must be (re)issued
         self.account: Account | None = row.account if row is not None else None
+        self.member: Member | None = row.member if row is not None else None
         self.ended = False
         self.anonymous_since: dt.datetime | None = None  # when the anonymous cookie began
         self.anonymous_seen: dt.datetime | None = None  # when it was last written
@@ -107,7 +108,7 @@ class DatabaseSessionInterface(SessionInterface):
 
     def save_session(self, app: Flask, session: ServerSession, response: Response) -> None:
         now = self.runtime.clock()
-        if session.account is None:
+        if session.account is None and session.member is None:
             if session.ended:
                 response.delete_cookie(COOKIE, path="/", secure=self.secure, httponly=True,
                                        samesite="Lax")
@@ -123,7 +124,8 @@ class DatabaseSessionInterface(SessionInterface):
             sid = session.new_id or secrets.token_urlsafe(32)
             request_info = _request_info()
             session.row = WebSession.create(
-                id_hash=hash_token(sid), account=session.account, data=dict(session),
+                id_hash=hash_token(sid), account=session.account, member=session.member,
+                data=dict(session),
                 created_at=now, last_seen_at=now, **request_info)
             response.set_cookie(COOKIE, sid, httponly=True, secure=self.secure,
                                 samesite="Lax", path="/")
@@ -153,15 +155,22 @@ def rotate(session: ServerSession) -> None:
     session.modified = True
 
 
-def sign_in(session: ServerSession, account: Account, now: dt.datetime) -> None:
+def sign_in(session: ServerSession, account: Account | None, now: dt.datetime) -> None:
     """A new session id for the signed-in account (no session fixation); the anonymous
     session it replaces ends."""
     if session.row is not None:
         end_session(session.row, now)
     session.row = None
     session.account = account
+    session.member = None
     session.clear()  # a fresh CSRF token too
     session.new_id = secrets.token_urlsafe(32)
+
+
+def sign_in_member(session: ServerSession, member: Member, now: dt.datetime) -> None:
+    """The same for a staff member: a session is either a recipient's or a member's."""
+    sign_in(session, None, now)
+    session.member = member
 
 
 def sign_out(session: ServerSession, now: dt.datetime) -> None:
@@ -169,6 +178,7 @@ def sign_out(session: ServerSession, now: dt.datetime) -> None:
         end_session(session.row, now)
     session.clear()
     session.account = None
+    session.member = None
     session.row = None
     session.ended = True
 

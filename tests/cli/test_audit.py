@@ -99,8 +99,9 @@ def test_a_trail_cut_short_since_an_export_is_caught_against_it(cfg, tmp_path):
     with_share(cfg)
     exported = tmp_path / "trail.jsonl"
     ok(cfg, "audit", "export", "--format", "jsonl", "--output", str(exported))
-    with database(tmp_path) as db:  # cut the newest event and rewind the head to match
-        db.execute("DELETE FROM audit_event WHERE seq = 4")
+    # Cut the newest events (the share's and the export's own) and rewind the head to match.
+    with database(tmp_path) as db:
+        db.execute("DELETE FROM audit_event WHERE seq >= 4")
         [mac] = db.execute("SELECT mac FROM audit_event WHERE seq = 3").fetchone()
         db.execute("UPDATE audit_head SET seq = 3, mac = ?", (mac,))
     assert ok(cfg, "audit", "verify").startswith("audit trail intact: 3 event(s)")
@@ -117,7 +118,18 @@ def test_verify_against_a_csv_export_passes_while_the_trail_grows(cfg, tmp_path)
     ok(cfg, "audit", "export", "--output", str(exported))
     with_share(cfg)
     out = ok(cfg, "audit", "verify", "--against", str(exported))
-    assert out.startswith("audit trail intact: 4 event(s)")
+    assert out.startswith("audit trail intact: 5 event(s)")  # with the export's own event
+
+
+def test_an_export_is_itself_recorded(cfg, tmp_path):
+    ok(cfg, "audit", "export", "--clinic", "Riverside PT", "--since", "2026-01-01",
+       "--output", str(tmp_path / "x.csv"))
+    lines = ok(cfg, "audit", "export", "--format", "jsonl").splitlines()
+    exported = json.loads(lines[-2])
+    assert exported["kind"] == "audit_exported" and exported["actor"] == "operator"
+    assert exported["clinic"] == "Riverside PT"
+    assert json.loads(exported["detail"]) == {"events": 2, "format": "csv",
+                                              "since": "2026-01-01"}
 
 
 @pytest.mark.parametrize(("args", "option"), [

@@ -72,7 +72,7 @@ def test_first_time_recipient_claims_views_downloads_and_archives(live, browser,
     assert "Rose Taylor" not in page.content()
     shot(page, "01-link-page")
 
-    page.get_by_role("link", name="Continue").click()
+    page.get_by_role("button", name="Continue").click()
     page.get_by_role("button", name="Send me a code").click()
     code_mail = mail_to(live.sink, DOCTOR, 2)[-1]
     code = CODE.search(str(code_mail.message["Subject"])).group(1)
@@ -135,7 +135,7 @@ def test_forwarded_link_gets_someone_else_nowhere(live, browser):
     # Someone without an account: the code goes to the doctor's mailbox, not to them.
     stranger = browser.new_context().new_page()
     stranger.goto(url)
-    stranger.get_by_role("link", name="Continue").click()
+    stranger.get_by_role("button", name="Continue").click()
     stranger.get_by_role("button", name="Send me a code").click()
     stranger.fill("input[name=code]", "000000")
     stranger.get_by_role("button", name="Confirm").click()

@@ -442,3 +442,25 @@ def test_open_file_limit_is_raised_for_the_connection_limit_or_warned_about(setu
                     "process may open only 700") in process.stderr
     finally:
         process.kill()
+
+
+@pytest.mark.parametrize("section", ["smtp", "web"])
+def test_a_port_in_use_is_one_line_naming_the_key_and_nothing_starts(setup, section):
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    text = setup.config.read_text()
+    setup.config.write_text(re.sub(rf"(\[{section}\]\nport = )\d+", rf"\g<1>{port}", text))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mailbridge", "--config",
+                               str(setup.config), "serve"], cwd=ROOT, env=environment(),
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.strip().splitlines() if " WARNING " not in line]
+    assert errors == [
+        f"mailbridge: configuration error: [{section}] port: 127.0.0.1:{port} is already in use"]
+    assert "running" not in proc.stdout

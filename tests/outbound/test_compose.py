@@ -238,3 +238,57 @@ def test_templates_can_be_replaced(settings, tmp_path):
     msg = link(settings, templates=custom)
     assert msg["Subject"] == "Documents from Riverside PT"
     assert msg.get_body(("plain",)).get_content().startswith(f"Open {LINK}\n")
+
+
+def every_kind_of_email(settings) -> list[EmailMessage]:
+    """One of each e-mail we send, recipients' and members' alike."""
+    about = compose.ShareRef(title="POC for R.T.", shared_text="Sat 28 Nov 2026, 07:00 EST",
+                             recipients=("dr.smith@ortho.example",),
+                             receipt_subject="Shared: POC for R.T.",
+                             receipt_message_id="<r1@reply.portal.example>")
+    member = "jane.doe@clinic.example"
+    command_values = dict(sender_name="Jane Doe", claim_hours="24", summary="Done.",
+                          lines=["dr.smith@ortho.example: access withdrawn"],
+                          changed=["dr.smith@ortho.example"])
+    return [
+        *all_messages(settings),
+        compose.code_email(settings, to="dr.smith@ortho.example", code="123456", minutes=10),
+        compose.reset_email(settings, to="dr.smith@ortho.example", reset_url=LINK, minutes=30),
+        compose.staff_code_email(settings, to=member, code="123456", minutes=10),
+        compose.recipient_revoked_email(settings, to="dr.smith@ortho.example",
+                                        clinic_name="Riverside PT", sender_name="Jane Doe",
+                                        contact="Front desk: (555) 010-0200"),
+        compose.reminder_email(settings, to="dr.smith@ortho.example", link_url=LINK,
+                               clinic_name="Riverside PT", sender_name="Jane Doe",
+                               document_count=1, sent_text="Sat", deadline_text="Sun",
+                               contact="Front desk: (555) 010-0200"),
+        compose.first_view_email(settings, to=member, sender_name="Jane Doe",
+                                 recipient="dr.smith@ortho.example", shared_text="Sat",
+                                 opened_text="Sat", in_reply_to=None, about=about),
+        compose.expiry_summary_email(settings, to=member, sender_name="Jane Doe",
+                                     addresses=["dr.smith@ortho.example"], shared_text="Sat",
+                                     in_reply_to=None, about=about),
+        *(compose.command_reply_email(settings, to=member, command=command,
+                                      values={**command_values, "recognised": True},
+                                      reply_address=None, in_reply_to=None, about=about)
+          for command in ("revoke", "resend", "extend", "help")),
+    ]
+
+
+def test_every_email_has_an_html_part_and_a_readable_text_part(settings):
+    for msg in every_kind_of_email(settings):
+        msg = reparsed(msg)
+        text = msg.get_body(("plain",)).get_content()
+        html = msg.get_body(("html",)).get_content()
+        assert html.lstrip().lower().startswith("<!doctype html>"), msg["Subject"]
+        assert "<p>" in html and "{{" not in html and "{%" not in html
+        # No columns made of runs of spaces: they fall apart in a proportional font.
+        assert not [line for line in text.splitlines() if "   " in line.strip()], msg["Subject"]
+
+
+def test_recipient_emails_carry_the_clinic_contact_line(settings):
+    contact = "Front desk: (555) 010-0200"
+    for msg in (link(settings, contact=contact), *every_kind_of_email(settings)[-8:-6]):
+        msg = reparsed(msg)
+        assert contact in msg.get_body(("plain",)).get_content(), msg["Subject"]
+        assert "(555) 010-0200" in msg.get_body(("html",)).get_content(), msg["Subject"]

@@ -164,7 +164,9 @@ def test_refused_recipient_fails_the_link_and_tells_the_sender(make_runtime):
     assert got.rcpt_tos == [SENDER]
     body = got.message.get_body(("plain",)).get_content()
     assert "nobody@ortho.example" in body and "(status 5.1.1)" in body
-    assert "POC for patient" not in str(got.message["Subject"])
+    # The sender's own notice names the share and is filed under its receipt.
+    assert str(got.message["Subject"]) == "Re: Shared: POC for patient R.T."
+    assert "Recipients: dr.smith@ortho.example, nobody@ortho.example" in body
     assert OutboundMessage.select().where(OutboundMessage.kind == "notice").count() == 1
 
 
@@ -215,7 +217,8 @@ def test_maildir_transport_prints_the_link_for_a_local_operator(make_runtime, tm
     assert dispatch_due(runtime, mailer) == {**NOTHING, "sent": 2}
     link = OutboundMessage.get(OutboundMessage.kind == "link")
     out = capsys.readouterr().out
-    assert out == (f"link e-mail #{link.id} written to {tmp_path / 'outbox'}: "
+    assert out == (f"link e-mail #{link.id} (grant #{grant.id}, to …@ortho.example) "
+                   f"written to {tmp_path / 'outbox'}: "
                    f"http://localhost:8080/s/tok0\n")
     box = mailbox.Maildir(tmp_path / "outbox", create=False)
     assert sorted(m["Delivered-To"] for m in box) == sorted([SENDER, "dr.smith@ortho.example"])

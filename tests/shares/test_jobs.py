@@ -147,7 +147,7 @@ def test_one_expiry_summary_per_share_listing_exactly_the_unclaimed(runtime):
     assert jobs.report_expired(rt) == 0
     summaries = {row.share_id: text_of(message) for row, message in sent(rt, "expiry_summary")}
     assert set(summaries) == {first.id, second.id}
-    listed = {share_id: set(re.findall(r"^  - (\S+)$", text, re.M))
+    listed = {share_id: set(re.findall(r"^- (\S+)$", text, re.M))
               for share_id, text in summaries.items()}
     assert listed == {first.id: {SMITH, JONES}, second.id: {"counsel@law.example"}}
 
@@ -161,7 +161,7 @@ def test_summary_waits_until_every_lapsed_grant_of_the_share_is_expired(runtime)
     assert jobs.expire_grants(rt) == 1
     assert jobs.report_expired(rt) == 1
     [(_, message)] = sent(rt, "expiry_summary")
-    assert {SMITH, JONES} <= set(re.findall(r"^  - (\S+)$", text_of(message), re.M))
+    assert {SMITH, JONES} <= set(re.findall(r"^- (\S+)$", text_of(message), re.M))
     assert all(grant_of(share, a).expiry_reported_at == rt.clock() for a in (SMITH, JONES))
 
 

@@ -286,8 +286,15 @@ def test_status_report_tells_each_recipients_story_in_the_clinic_time_zone(rt):
     Grant.update(delivery="sent").where(Grant.address != LEE).execute()
     Grant.update(delivery="failed").where(Grant.address == LEE).execute()
     app = make_app(rt)
-    rt.clock.advance(minutes=15)  # 07:15
-    app.test_client().get(f"/s/{tokens_now[SMITH]}")
+    rt.clock.advance(minutes=10)  # 07:10: a mail scanner fetches both links (GET and HEAD)
+    for token in (tokens_now[SMITH], tokens_now[JONES]):
+        scanner = app.test_client()
+        for method in (scanner.get, scanner.head, scanner.get):
+            method(f"/s/{token}", headers={"User-Agent": "SafeLinks/1.0"})
+    rt.clock.advance(minutes=5)  # 07:15: Smith presses Continue in a browser
+    person = app.test_client()
+    person.get(f"/s/{tokens_now[SMITH]}")
+    person.post(f"/s/{tokens_now[SMITH]}/continue")
     rt.clock.advance(minutes=15)  # 07:30
     smith = make_account(rt, SMITH)
     claim(rt, share, SMITH, smith)
@@ -297,7 +304,10 @@ def test_status_report_tells_each_recipients_story_in_the_clinic_time_zone(rt):
     rt.clock.advance(minutes=5)  # 07:40
     browser.get(f"/documents/{document.id}/inline")
     browser.get(f"/documents/{document.id}/download")
-    rt.clock.advance(hours=1)  # 08:40
+    rt.clock.advance(minutes=2)  # 07:42: someone signed in as another address tries it
+    intruder = signed_in_client(app, rt, make_account(rt, LEE))
+    assert intruder.get(f"/s/{tokens_now[SMITH]}/next").status_code == 403
+    rt.clock.advance(minutes=58)  # 08:40
     lifecycle.revoke(rt, share, address=SMITH, actor="cli")
 
     report = lifecycle.status_report(rt, share)
@@ -305,20 +315,27 @@ def test_status_report_tells_each_recipients_story_in_the_clinic_time_zone(rt):
     assert report.startswith(f'Share "{TITLE}" from Jane Doe, Sat 28 Nov 2026, 07:00 EST')
     assert FILENAME in report and "America/New_York" in report
     assert smith_part.startswith(" revoked")
-    for expected in ("link sent:           Sat 28 Nov 2026, 07:00 EST",
-                     "delivered to relay:  yes",
-                     "link opened:         Sat 28 Nov 2026, 07:15 EST",
-                     "claimed:             Sat 28 Nov 2026, 07:30 EST",
-                     f"viewed {FILENAME}: Sat 28 Nov 2026, 07:35 EST, 2 times, last Sat 28 "
-                     "Nov 2026, 07:40 EST",
-                     f"downloaded {FILENAME}: Sat 28 Nov 2026, 07:40 EST",
-                     "revoked:             Sat 28 Nov 2026, 08:40 EST"):
-        assert expected in smith_part, expected
+    for expected in ("  link sent: Sat 28 Nov 2026, 07:00 EST\n",
+                     "  delivered to relay: yes\n",
+                     "  opened in a browser: Sat 28 Nov 2026, 07:15 EST\n",
+                     # Its repeated fetches are one audit event an hour (links.py).
+                     "  link fetched by a mail system: Sat 28 Nov 2026, 07:10 EST\n",
+                     "  claimed: Sat 28 Nov 2026, 07:30 EST\n",
+                     f"  viewed {FILENAME}: Sat 28 Nov 2026, 07:35 EST, 2 times, last Sat 28 "
+                     "Nov 2026, 07:40 EST\n",
+                     f"  downloaded {FILENAME}: Sat 28 Nov 2026, 07:40 EST\n",
+                     "  refused: someone signed in as another address tried this link at Sat "
+                     "28 Nov 2026, 07:42 EST\n",
+                     "  revoked: Sat 28 Nov 2026, 08:40 EST"):
+        assert expected in smith_part + "\n", expected
+    assert LEE not in smith_part  # who tried is for the audit trail, not for the report
     jones_part = report.split(f"{JONES}:")[1].split("\n\n")[0]
-    assert jones_part.startswith(" pending") and "link opened:         not yet" in jones_part
-    assert "can be claimed until Sun 29 Nov 2026, 07:00 EST" in jones_part
+    # Fetched by a scanner only: not opened.
+    assert jones_part.startswith(" pending") and "opened in a browser: not yet" in jones_part
+    assert "link fetched by a mail system: Sat 28 Nov 2026, 07:10 EST\n" in jones_part + "\n"
+    assert "can be claimed until: Sun 29 Nov 2026, 07:00 EST" in jones_part
     lee_part = report.split(f"{LEE}:")[1]
-    assert "delivered to relay:  no" in lee_part
+    assert "delivered to relay: no" in lee_part
     rt.clock.advance(days=2)
     assert f"{JONES}: expired" in lifecycle.status_report(rt, share)
 

@@ -155,11 +155,14 @@ def test_first_view_tells_the_sender_once_threaded_under_the_receipt(runtime):
     assert (row.to_addr, row.share_id) == (MEMBER, share.id)
     assert message["In-Reply-To"] == share.receipt_message_id
     assert message["References"] == share.receipt_message_id
-    assert SMITH in message["Subject"]
+    # Filed under the receipt with its subject, naming the share: every client groups them.
+    assert message["Subject"] == f"Re: Shared: {TITLE}"
     body = text_of(message)
+    assert f"Share: {TITLE}\nShared: Sat 28 Nov 2026, 07:00 EST\n" in body
+    assert f"Recipients: {SMITH}, {JONES}" in body
     assert f"{SMITH} opened the documents you shared on Sat 28 Nov 2026, 07:00 EST" in body
     assert "first opened Sat 28 Nov 2026, 09:00 EST" in body
-    for secret in (TITLE, FILENAME, NOTE):
+    for secret in (FILENAME, NOTE):  # the receipt lists the files; notices need not
         assert secret not in bytes(message).decode()
     assert rt.wake_dispatcher.is_set()
 
@@ -197,10 +200,12 @@ def test_expiry_summary_lists_the_lapsed_recipients_and_invites_resend(runtime):
     assert (row.to_addr, row.share_id) == (MEMBER, share.id)
     assert message["In-Reply-To"] == share.receipt_message_id
     assert message["Reply-To"] == "mailbridge@portal.example"
-    assert message["Subject"] == "2 recipients did not claim the documents you shared"
+    assert message["Subject"] == f"Re: Shared: {TITLE}"
     body = text_of(message)
-    assert f"  - {SMITH}\n" in body and f"  - {JONES}\n" in body
-    assert "claims@insurer.example" not in body
+    assert f"Share: {TITLE}\n" in body
+    lapsed = body.split("claimed them:")[1].split("can no longer")[0]
+    assert f"- {SMITH}\n" in lapsed and f"- {JONES}\n" in lapsed
+    assert "claims@insurer.example" not in lapsed
     assert "resend <address>" in body
     assert notify.expiry_summary(rt, share.id) == 0
     assert len(sent(rt, "expiry_summary")) == 1

@@ -134,7 +134,7 @@ def test_status_is_answered_with_the_report(rt):
     row, msg = send_reply(rt, shared, "Status\n\nThanks")
     answer = the_answer(rt, msg, shared)
     text = text_of(answer)
-    assert f"{SMITH}: pending" in text and "link opened: not yet" in text
+    assert f"{SMITH}: pending" in text and "opened in a browser: not yet" in text
     assert "America/New_York" in text and "revoke <address>" in text
     event = AuditEvent.get(AuditEvent.kind == "status_sent")
     assert event.actor == MEMBER and event.share_id == shared.share.id
