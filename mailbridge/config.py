@@ -190,6 +190,7 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
                                                           absolute)),
         smtp=dataclasses.replace(s.smtp, **_absolute_files(s.smtp, ("tls_cert_file",
                                                                     "tls_key_file"), absolute)),
+        lmtp=dataclasses.replace(s.lmtp, **_absolute_files(s.lmtp, ("socket",), absolute)),
     )
 
 

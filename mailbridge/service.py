@@ -1,12 +1,13 @@
-"""`mailbridge serve`: SMTP (and IMAP) intake, worker, outbound dispatcher, scheduler and web
-portal in one process, started in dependency order and stopped in reverse — within `[service]
-stop_timeout_seconds`: every part is told at once, finishes the item in hand and hands the
-rest back."""
+"""`mailbridge serve`: intake (SMTP, and IMAP, LMTP and the MTA's policy service when
+enabled), worker, outbound dispatcher, scheduler and web portal in one process, started in
+dependency order and stopped in reverse — within `[service] stop_timeout_seconds`: every part
+is told at once, finishes the item in hand and hands the rest back."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import threading
 import time
@@ -21,6 +22,8 @@ from mailbridge.outbound.dispatcher import Dispatcher
 from mailbridge.outbound.mailer import make_mailer
 from mailbridge.receive import spool
 from mailbridge.receive.imap import ImapPoller
+from mailbridge.receive.lmtp import make_lmtp_controller
+from mailbridge.receive.policy import PolicyListener
 from mailbridge.receive.smtp import make_controller, make_implicit_tls_controller
 from mailbridge.receive.tls import ServerCertificate
 from mailbridge.receive.worker import Worker, node_name
@@ -46,6 +49,9 @@ class Service:
         self.smtp = make_controller(runtime, self.executor, self.certificate)
         self.smtps = (make_implicit_tls_controller(runtime, self.executor, self.certificate)
                       if self.certificate and smtp.implicit_tls_port else None)
+        self.lmtp = (make_lmtp_controller(runtime, self.executor) if runtime.settings.lmtp.enabled
+                     else None)
+        self.policy = PolicyListener(runtime) if runtime.settings.policy.enabled else None
         self.worker = Worker(runtime, self.node)
         self.imap = ImapPoller(runtime) if runtime.settings.imap.enabled else None
         self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node,
@@ -58,7 +64,7 @@ class Service:
             # Slow clients wait in waitress's poll loop, not in a thread; poll() rather than
             # select(), which fails beyond 1024 open files.
             app = create_app(runtime.settings, runtime=runtime)
-            with _listener("[web] port", settings.host, settings.port):  # binds here
+            with listener("[web] port", settings.host, settings.port):  # binds here
                 self.web = create_server(app, host=settings.host, port=settings.port,
                                          threads=settings.threads,
                                          connection_limit=settings.connection_limit,
@@ -92,15 +98,30 @@ class Service:
         `__init__`), so a port already in use stops the start with nothing running. Mail
         accepted before the worker runs waits in the spool, as after any restart."""
         smtp = self.runtime.settings.smtp
-        with _listener("[smtp] port", smtp.host, smtp.port):
+        with listener("[smtp] port", smtp.host, smtp.port):
             self.smtp.start()
-        if self.smtps:
-            try:
-                with _listener("[smtp] implicit_tls_port", smtp.host, smtp.implicit_tls_port):
+        started = [self.smtp]
+        try:
+            if self.smtps:
+                with listener("[smtp] implicit_tls_port", smtp.host, smtp.implicit_tls_port):
                     self.smtps.start()
-            except ConfigError:
-                self.smtp.stop()
-                raise
+                started.append(self.smtps)
+            if self.lmtp:
+                lmtp = self.runtime.settings.lmtp
+                with listener("[lmtp] socket" if lmtp.socket else "[lmtp] port", lmtp.host,
+                               lmtp.port):
+                    self.lmtp.start()
+                if lmtp.socket:  # the MTA's group may connect, nobody else
+                    os.chmod(lmtp.socket, 0o660)
+                started.append(self.lmtp)
+            if self.policy:
+                policy = self.runtime.settings.policy
+                with listener("[policy] port", policy.host, policy.port):
+                    self.policy.start()
+        except BaseException:
+            for running in reversed(started):
+                running.stop()
+            raise
 
     def _serve_web(self) -> None:
         try:
@@ -138,6 +159,10 @@ class Service:
         self.worker.signal_stop()
         self.dispatcher.signal_stop()
         self._jobs_stop.set()
+        if self.policy:
+            self.policy.stop(min(2.0, left()))
+        if self.lmtp:
+            self.lmtp.stop()
         if self.smtps:
             self.smtps.stop()
         self.smtp.stop()
@@ -166,7 +191,7 @@ class Service:
         return ended
 
 
-class _listener:
+class listener:
     """Turns "address already in use" while binding into a configuration error naming the
     key to change."""
 

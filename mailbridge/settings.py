@@ -53,6 +53,26 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PolicySettings:
+    """The Postfix policy service: an MTA in front asks at RCPT whether to take a message."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 10040
+
+
+@dataclass(frozen=True, kw_only=True)
+class LmtpSettings:
+    """LMTP intake for an MTA in front (Postfix's lmtp: transport): a TCP port or a Unix
+    socket; one answer per recipient after DATA."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 2424
+    socket: str = ""  # a Unix socket path instead of host/port
+
+
+@dataclass(frozen=True, kw_only=True)
 class AddressSettings:
     sharing: str = _required()
     reply_domain: str = _required()
@@ -201,6 +221,8 @@ class Settings:
     limits: LimitSettings
     worker: WorkerSettings
     imap: ImapSettings = field(default_factory=ImapSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    lmtp: LmtpSettings = field(default_factory=LmtpSettings)
 
     @property
     def sharing_local(self) -> str:

@@ -50,9 +50,14 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"[database] url: expected sqlite:///PATH or postgresql://..., got {s.database.url!r}")
     for key, port in (("[smtp] port", s.smtp.port), ("[web] port", s.web.port),
-                      ("[outbound.smtp] port", s.outbound.smtp.port)):
+                      ("[outbound.smtp] port", s.outbound.smtp.port),
+                      ("[policy] port", s.policy.port), ("[lmtp] port", s.lmtp.port)):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: {port} is not a TCP port")
+    if s.lmtp.enabled and not s.lmtp.socket and s.lmtp.port == s.smtp.port:
+        raise ConfigError("[lmtp] port: must differ from [smtp] port")
+    if s.policy.enabled and s.policy.port in (s.smtp.port, s.lmtp.port if s.lmtp.enabled else -1):
+        raise ConfigError("[policy] port: must differ from [smtp] port and [lmtp] port")
     if s.web.session_idle_minutes <= 0 or s.web.session_absolute_hours <= 0:
         raise ConfigError("[web] session_idle_minutes / session_absolute_hours: must be more "
                           "than 0")

@@ -220,3 +220,20 @@ def test_outbound_from_may_name_the_service(tmp_path):
     assert msg["From"] == "Riverside PT via Document Portal <no-reply@portal.example>"
     plain = load_settings(write(tmp_path, MINIMAL), env={})
     assert (plain.outbound.from_, plain.outbound.from_name) == ("mailbridge@portal.example", "")
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ("[policy]\nport = 70000\n", "[policy] port"),
+    ("[lmtp]\nport = -1\n", "[lmtp] port"),
+    ("[lmtp]\nenabled = true\nport = 2525\n", "[lmtp] port"),
+    ("[policy]\nenabled = true\nport = 2525\n", "[policy] port"),
+])
+def test_mta_listener_mistakes_name_the_key(tmp_path, extra, key):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, MINIMAL + "\n" + extra), env={})
+    assert str(info.value).startswith(key)
+
+
+def test_an_lmtp_socket_path_is_relative_to_the_config_file(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL + '\n[lmtp]\nsocket = "run/lmtp.sock"\n'), env={})
+    assert s.lmtp.socket == str(tmp_path / "run" / "lmtp.sock")

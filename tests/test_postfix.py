@@ -3,8 +3,8 @@ docs/deploy/postfix.md says: a member's message becomes a share, the milters' ve
 mailbridge trusts (and a forged one underneath it is not), and replies route.
 
 One Postfix, one pair of milters and one mailbridge (SQLite) serve the whole module: what is
-tested is the path between the processes, the database engines have their own tests. The two
-tests marked xfail describe the policy service and LMTP intake, which are not built yet.
+tested is the path between the processes, the database engines have their own tests. The
+policy service refuses at RCPT inside Postfix's own dialogue; LMTP answers per recipient.
 """
 
 from __future__ import annotations
@@ -163,10 +163,9 @@ def test_a_reply_command_to_the_reply_domain_routes_through_postfix(mta):
     assert f"{SMITH}: pending" in answer.message.get_body(("plain",)).get_content()
 
 
-# --- what the policy service and LMTP intake will do (issue: not built yet) -------------------
+# --- the policy service and LMTP intake ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs mailbridge's policy service ([policy])")
 def test_postfix_refuses_a_non_member_at_rcpt_and_queues_no_bounce(keyring):
     postfix.require()
     directory = postfix.service_dir()
@@ -204,7 +203,6 @@ def test_postfix_refuses_a_non_member_at_rcpt_and_queues_no_bounce(keyring):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="needs mailbridge's LMTP intake ([lmtp])")
 def test_postfix_delivers_over_lmtp_and_gets_an_answer_per_recipient(keyring):
     postfix.require()
     directory = postfix.service_dir()

@@ -15,6 +15,7 @@ from mailbridge.cli import (
     imap,
     jobs,
     members,
+    policy,
     serve,
     setup,
     shares,
@@ -42,6 +43,7 @@ def cli(ctx: click.Context, config_path: str) -> None:
 cli.add_command(setup.init)
 cli.add_command(setup.db)
 cli.add_command(serve.serve)
+cli.add_command(policy.policy)
 cli.add_command(audit.audit_group)
 cli.add_command(backup.backup_command)
 cli.add_command(backup.restore_command)

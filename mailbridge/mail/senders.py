@@ -136,10 +136,13 @@ def from_address(msg) -> str | None:
 
 def headers_trusted(channel: str, client_ip: str, settings) -> bool:
     """Can the trusted MTA have written this message's Authentication-Results? Over IMAP the
-    configured provider delivered it; over SMTP only a client in `[senders] trusted_relays`
-    (the MTA in front of us) can be that server. Mail straight from the internet cannot."""
+    configured provider delivered it; over SMTP or LMTP on TCP only a client in `[senders]
+    trusted_relays` (the MTA in front of us) can be that server; over LMTP on a Unix socket,
+    the MTA on this host. Mail straight from the internet cannot."""
     if channel == "imap":
         return True
+    if channel == "lmtp" and not client_ip:
+        return True  # LMTP over a Unix socket: the MTA on this host, by the socket's mode
     try:
         address = ipaddress.ip_address(client_ip.split("%", 1)[0])
     except ValueError:

@@ -40,7 +40,8 @@ def over_budget(runtime: Runtime, *, client_ip: str, sender: str, ip_exempt: boo
     for condition, max_messages, max_bytes in checks:
         if not max_messages and not max_bytes:
             continue
-        messages, size = _usage(condition & (InboundMessage.channel == "smtp"), since)
+        messages, size = _usage(condition & InboundMessage.channel.in_(("smtp", "lmtp")),
+                                since)
         if max_messages and messages + 1 > max_messages:
             return True
         if max_bytes and size + incoming_bytes > max_bytes:

@@ -69,6 +69,8 @@ class IntakeSMTP(SMTP):
 
 
 class IntakeHandler:
+    channel = "smtp"  # the spool's name for this intake
+
     def __init__(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
         self.runtime = runtime
         self.executor = executor
@@ -90,7 +92,7 @@ class IntakeHandler:
 
     def _over_budget(self, ip: str, sender: str, size: int) -> bool:
         """False when the database cannot tell now: the answer after DATA will say 451."""
-        exempt = senders.headers_trusted("smtp", ip, self.runtime.settings)
+        exempt = senders.headers_trusted(self.channel, ip, self.runtime.settings)
         try:
             return limits.over_budget(self.runtime, client_ip=ip, sender=sender,
                                       ip_exempt=exempt, incoming_bytes=size)
@@ -125,13 +127,16 @@ class IntakeHandler:
             log.info("smtp: refused a message from a non-member (body not kept)")
             return envelope.refusal
         loop = asyncio.get_running_loop()
-        client, proto = client_ip(session), protocol(session)
+        client, proto = client_ip(session), self.protocol(session)
         trace = received_header(helo=session.host_name, client_ip=client,
                                 by=self.runtime.settings.sharing_domain, protocol=proto,
                                 ssl_info=session.ssl)
         return await loop.run_in_executor(self.executor, self.accept, envelope.mail_from or "",
                                           list(envelope.rcpt_tos), envelope.original_content,
                                           client, proto, trace)
+
+    def protocol(self, session) -> str:
+        return protocol(session)
 
     def accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes, client: str = "",
                proto: str = "SMTP", trace: bytes = b"") -> str:
@@ -142,12 +147,12 @@ class IntakeHandler:
             if not self._sender_allowed(rcpt_tos, raw):
                 log.info("smtp: refused a message from a non-member")
                 return NOT_A_MEMBER
-            exempt = senders.headers_trusted("smtp", client, settings)
+            exempt = senders.headers_trusted(self.channel, client, settings)
             if limits.over_budget(self.runtime, client_ip=client, sender=mail_from,
                                   ip_exempt=exempt, incoming_bytes=len(raw)):
                 log.info("smtp: a client is over its hourly budget; answered 451")
                 return limits.OVER_BUDGET
-            row = spool.enqueue(self.runtime, trace + raw, channel="smtp",
+            row = spool.enqueue(self.runtime, trace + raw, channel=self.channel,
                                 envelope_from=mail_from,
                                 envelope_to=rcpt_tos, client_ip=client, protocol=proto)
         except StorageFull:
@@ -159,7 +164,8 @@ class IntakeHandler:
         except Exception:
             log.exception("smtp: unexpected error while spooling; answered 451")
             return DATABASE_UNAVAILABLE
-        log.info("smtp: accepted inbound #%d (%d bytes, %s)", row.id, len(raw), proto)
+        log.info("%s: accepted inbound #%d (%d bytes, %s)", self.channel, row.id, len(raw),
+                 proto)
         return OK
 
 
