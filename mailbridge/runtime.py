@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mailbridge.clock import Clock, system_clock
 from mailbridge.config import read_master_key
+from mailbridge.metrics import Metrics
 from mailbridge.settings import Settings
 from mailbridge.store.blobs import BlobStore, LocalBlobStore
 from mailbridge.store.db import open_database
@@ -36,6 +37,7 @@ class Runtime:
     phi_key: bytes           # seals titles, notes and file names in the database
     audit_key: bytes         # chains the audit trail (HMAC)
     web_key: bytes           # signs CSRF tokens and device cookies
+    metrics: Metrics         # this process's counters, and the queue gauges (for /metrics)
     clock: Clock = system_clock
     # DKIM key lookups; None means real DNS. Tests inject a resolver serving their own keys.
     dnsfunc: Callable | None = None
@@ -46,15 +48,17 @@ class Runtime:
 def build_runtime(settings: Settings, *, clock: Clock = system_clock,
                   dnsfunc: Callable | None = None, master_key: bytes | None = None) -> Runtime:
     key = master_key if master_key is not None else read_master_key(settings)
+    db = open_database(settings.database.url)
     return Runtime(
         settings=settings,
-        db=open_database(settings.database.url),
+        db=db,
         documents=LocalBlobStore(settings.documents_dir, derive_key(key, "documents")),
         spool=LocalBlobStore(settings.spool_dir, derive_key(key, "spool")),
         outbox_key=derive_key(key, "outbox"),
         phi_key=derive_key(key, "phi"),
         audit_key=derive_key(key, "audit"),
         web_key=derive_key(key, "web"),
+        metrics=Metrics(db, clock),
         clock=clock,
         dnsfunc=dnsfunc,
     )

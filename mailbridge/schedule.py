@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -63,13 +64,27 @@ JOBS: dict[str, tuple[Callable[[Runtime], int], float]] = {
 }
 
 
+def run_job(runtime: Runtime, name: str, stop: Stop = None) -> int:
+    """Run the job `name` once, timed and counted in the metrics (a run that raises counts as
+    failed and raises on)."""
+    function, _ = JOBS[name]
+    started = time.monotonic()
+    failed = True
+    try:
+        done = function(runtime, stop=stop)
+        failed = False
+    finally:
+        runtime.metrics.job_ran(name, time.monotonic() - started, failed=failed)
+    return done
+
+
 def build_scheduler(runtime: Runtime,
                     stop: threading.Event | None = None) -> BackgroundScheduler:
     """The jobs on their intervals; `stop` ends a running job between batches."""
     stop = stop if stop is not None else threading.Event()
     scheduler = BackgroundScheduler(timezone="UTC")
-    for name, (function, seconds) in JOBS.items():
-        guarded = functools.partial(_guarded, function, Outage(log, name), runtime, stop)
+    for name, (_function, seconds) in JOBS.items():
+        guarded = functools.partial(_guarded, name, Outage(log, name), runtime, stop)
         # coalesce + a grace time: runs missed while the service was down happen once at start.
         scheduler.add_job(guarded, "interval", seconds=seconds, id=name, name=name,
                           coalesce=True, max_instances=1, misfire_grace_time=None,
@@ -77,14 +92,14 @@ def build_scheduler(runtime: Runtime,
     return scheduler
 
 
-def _guarded(function: Callable[..., int], outage: Outage, runtime: Runtime,
+def _guarded(name: str, outage: Outage, runtime: Runtime,
              stop: threading.Event) -> int | None:
     """A run that meets a database or storage outage logs it once per outage (not a
     traceback a minute); the next run retries, on a fresh connection."""
     if stop.is_set():
         return None
     try:
-        done = function(runtime, stop=stop)
+        done = run_job(runtime, name, stop)
     except (*db.UNAVAILABLE, StorageError) as exc:
         outage.failed(cause_of(exc))
         return None

@@ -71,8 +71,26 @@ class Service:
                                          channel_timeout=settings.channel_timeout,
                                          cleanup_interval=settings.cleanup_interval,
                                          asyncore_use_poll=True, ident="mailbridge")
+        try:
+            self.metrics_server = self._bind_metrics()
+        except ConfigError:
+            if self.web:
+                self.web.close()
+            raise
         self._web_thread: threading.Thread | None = None
+        self._metrics_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+
+    def _bind_metrics(self):
+        """`/metrics` on a listener of its own (loopback by default), bound now like the
+        portal's; None when `[metrics] enabled = false`."""
+        settings = self.runtime.settings.metrics
+        if not settings.enabled:
+            return None
+        with listener("[metrics] port", settings.host, settings.port):
+            return create_server(self.runtime.metrics.wsgi_app(), host=settings.host,
+                                 port=settings.port, threads=2, connection_limit=20,
+                                 channel_timeout=10, asyncore_use_poll=True, ident="mailbridge")
 
     def start(self) -> None:
         version = schema.current_version(self.runtime.db)
@@ -92,6 +110,11 @@ class Service:
             self._web_thread.start()
         if self.imap:
             self.imap.start()
+        if self.metrics_server:
+            self._metrics_thread = threading.Thread(
+                target=self._serve, args=(self.metrics_server,), name="mailbridge-metrics",
+                daemon=True)
+            self._metrics_thread.start()
 
     def _bind_smtp(self) -> None:
         """Every listener is bound before anything else starts (the portal's was bound in
@@ -124,8 +147,11 @@ class Service:
             raise
 
     def _serve_web(self) -> None:
+        self._serve(self.web)
+
+    def _serve(self, server) -> None:
         try:
-            self.web.run()
+            server.run()
         except OSError:
             # Closing waitress's sockets from another thread can interrupt its select() with
             # EBADF; that is the stop we asked for, not a failure.
@@ -143,6 +169,10 @@ class Service:
     @property
     def web_port(self) -> int | None:
         return self.web.effective_port if self.web else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return getattr(self.metrics_server, "effective_port", None)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop accepting, then tell every part to stop at once: each finishes the item in
@@ -186,6 +216,11 @@ class Service:
             self.web.close()
             if self._web_thread is not None:
                 self._web_thread.join(min(2.0, left()))  # keep-alive clients may hold it
+        if self.metrics_server:  # last: a scrape during the stop still sees the queues drain
+            self._stopping.set()
+            self.metrics_server.close()
+            if self._metrics_thread is not None:
+                self._metrics_thread.join(min(1.0, left()))
         if ended:
             self.runtime.db.close()
         return ended

@@ -207,6 +207,17 @@ class ImapSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    """`/metrics` for Prometheus on a listener of its own, never on the public portal. On by
+    default because it listens on loopback only: counts and queue depths, no PHI, but still
+    nothing for the internet to read."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     service: ServiceSettings
     database: DatabaseSettings
@@ -223,6 +234,7 @@ class Settings:
     imap: ImapSettings = field(default_factory=ImapSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     lmtp: LmtpSettings = field(default_factory=LmtpSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def sharing_local(self) -> str:

@@ -51,7 +51,8 @@ def validate(s: Settings) -> None:
             f"[database] url: expected sqlite:///PATH or postgresql://..., got {s.database.url!r}")
     for key, port in (("[smtp] port", s.smtp.port), ("[web] port", s.web.port),
                       ("[outbound.smtp] port", s.outbound.smtp.port),
-                      ("[policy] port", s.policy.port), ("[lmtp] port", s.lmtp.port)):
+                      ("[policy] port", s.policy.port), ("[lmtp] port", s.lmtp.port),
+                      ("[metrics] port", s.metrics.port)):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: {port} is not a TCP port")
     if s.lmtp.enabled and not s.lmtp.socket and s.lmtp.port == s.smtp.port:
@@ -110,6 +111,9 @@ def validate(s: Settings) -> None:
         except ValueError:
             raise ConfigError(f"[senders] trusted_relays: {net!r} is not an IP address or "
                               "network (e.g. \"192.0.2.10\" or \"10.0.0.0/8\")") from None
+    if s.metrics.enabled and not s.metrics.host.strip():
+        raise ConfigError("[metrics] host: required when [metrics] enabled = true (e.g. "
+                          "\"127.0.0.1\")")
     if s.worker.lease_seconds <= 0:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
     if s.worker.retry_max_seconds < s.worker.retry_base_seconds:

@@ -191,6 +191,9 @@ port = {mb.smtp_port}
 host = "{HOST}"
 port = {free_port()}
 
+[metrics]
+port = 0
+
 [addresses]
 sharing = "{SHARING}"
 reply_domain = "reply.portal.example"

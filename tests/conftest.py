@@ -47,6 +47,8 @@ def make_settings(data_dir: Path, db_url: str = "", **env: str) -> Settings:
         "MAILBRIDGE_WORKER_POLL_SECONDS": "0.5",
         # The test relay is a plain aiosmtpd sink on loopback.
         "MAILBRIDGE_OUTBOUND_SMTP_TLS": "none",
+        # Services of tests running side by side must not meet on the default 9464.
+        "MAILBRIDGE_METRICS_PORT": "0",
     }
     values.update(env)
     return load_settings(None, env=values)

@@ -43,6 +43,7 @@ def test_shipped_config_toml_loads_with_every_contract_key():
             relay.password_env) == ("127.0.0.1", 25, "starttls", "", "",
                                     "MAILBRIDGE_RELAY_PASSWORD")
     assert (s.web.host, s.web.port) == ("127.0.0.1", 8080)
+    assert (s.metrics.enabled, s.metrics.host, s.metrics.port) == (True, "127.0.0.1", 9464)
     assert s.shares.claim_hours == 24
     assert s.senders.require_authentication is True
     assert s.senders.trusted_authserv_ids == ()
@@ -102,6 +103,8 @@ def test_settings_are_frozen(tmp_path):
     (MINIMAL, {"MAILBRIDGE_SERVICE_STOP_TIMEOUT_SECONDS": "0"}, "[service] stop_timeout_seconds"),
     (MINIMAL, {"MAILBRIDGE_WORKER_RETRY_MAX_SECONDS": "1"}, "[worker] retry_max_seconds"),
     (MINIMAL, {"MAILBRIDGE_RETENTION_ORPHAN_HOURS": "0"}, "[retention] orphan_hours"),
+    (MINIMAL, {"MAILBRIDGE_METRICS_PORT": "70000"}, "[metrics] port"),
+    (MINIMAL + '\n[metrics]\nhost = " "\n', {}, "[metrics] host"),
     (MINIMAL.replace('from = "mailbridge@portal.example"', ""), {}, "[outbound] from"),
     (MINIMAL.replace('"mailbridge@portal.example"', '"Portal <a@portal.example>, b@x.example"'),
      {}, "[outbound] from"),

@@ -17,6 +17,7 @@ RANKS = {
     "outcomes": 0, "clock": 0, "settings": 0, "logs": 0, "__init__": 0,
     "validate": 0.25, "config": 0.5,
     "mail": 1, "store": 1,
+    "metrics": 1.5,
     "runtime": 2,
     "outbound": 3,
     "shares": 4,

@@ -17,7 +17,6 @@ from mailbridge.clock import system_clock
 from mailbridge.config import load_settings
 from mailbridge.receive import spool
 from mailbridge.runtime import build_runtime
-from mailbridge.shares import jobs
 from mailbridge.store.models import (
     Grant,
     InboundMessage,
@@ -129,8 +128,7 @@ def test_a_scheduled_job_recovers_from_cut_connections_by_itself(runtime, caplog
     outage = Outage(schedule.log, "expire")
     with ThreadPoolExecutor(1) as pool:  # one thread, as a pooled scheduler thread is reused
         def run():
-            return pool.submit(schedule._guarded, jobs.expire_grants, outage, runtime,
-                               stop).result()
+            return pool.submit(schedule._guarded, "expire", outage, runtime, stop).result()
 
         assert run() == 0
         admin = connect(PG_ADMIN_URL)

@@ -28,12 +28,11 @@ def jobs_list() -> None:
 @pass_ctx
 def jobs_run(ctx: Context, name: str) -> None:
     """Run one job once and print how many things it did. Safe on several nodes at once."""
-    from mailbridge.schedule import JOBS
+    from mailbridge.schedule import JOBS, run_job
 
     if name not in JOBS:
         raise click.BadParameter(f"no job {name!r}; one of: {', '.join(JOBS)}",
                                  param_hint="NAME")
     runtime = ctx.ready_runtime()
     configure_logging(ctx.settings.service.log_level)
-    function, _ = JOBS[name]
-    click.echo(f"{name}: {function(runtime)}")
+    click.echo(f"{name}: {run_job(runtime, name)}")

@@ -19,7 +19,7 @@ from mailbridge.logs import configure_logging
 @pass_ctx
 def serve(ctx: Context) -> None:
     """Run SMTP intake, worker, outbound dispatcher, scheduler and web portal."""
-    from mailbridge.outbound.mailer import phi_in_clear_refused
+    from mailbridge.outbound.mailer import is_loopback, phi_in_clear_refused
     from mailbridge.service import Service, raise_open_file_limit
 
     settings = ctx.settings
@@ -35,6 +35,10 @@ def serve(ctx: Context) -> None:
         log.warning("[outbound.smtp] tls = \"none\" and the relay %s is not on this machine: "
                     "receipts, notices and other mail carrying PHI are held (not sent, not "
                     "lost) until the relay is reached over TLS", relay.host)
+    if settings.metrics.enabled and not is_loopback(settings.metrics.host):
+        log.warning("[metrics] host = %s: /metrics answers anyone who reaches that address "
+                    "(no authentication); let only your Prometheus server through",
+                    settings.metrics.host)
     files, wanted = raise_open_file_limit(settings.web.connection_limit)
     if files < wanted:
         log.warning("[web] connection_limit = %d needs about %d open files, but this process "
@@ -56,6 +60,9 @@ def serve(ctx: Context) -> None:
                    f"{settings.smtp.implicit_tls_port}")
     click.echo(f"mailbridge: portal on http://{settings.web.host}:{service.web_port}/ "
                f"(links use {settings.service.base_url})")
+    if service.metrics_server:
+        click.echo(f"mailbridge: metrics on http://{settings.metrics.host}:"
+                   f"{service.metrics_port}/metrics")
     if settings.imap.enabled:
         click.echo(f"mailbridge: IMAP intake from the folder {settings.imap.folder} at "
                    f"{settings.imap.host}:{settings.imap.port}")

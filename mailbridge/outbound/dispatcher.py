@@ -69,9 +69,12 @@ def dispatch_due(runtime: Runtime, mailer: Mailer, *, limit: int = BATCH,
                 _hand_back(runtime, rows[i:], owed)
                 break
             try:
-                counts[_deliver(runtime, mailer, row, out, on_failure)] += 1
+                result = _deliver(runtime, mailer, row, out, on_failure)
+                counts[result] += 1
+                runtime.metrics.delivered(row.kind, result)
             except SentUnrecorded as exc:
                 counts["sent"] += 1
+                runtime.metrics.delivered(row.kind, "sent")
                 if owed is not None:
                     owed.append(functools.partial(_record_sent, runtime, row))
                 _hand_back(runtime, rows[i + 1:], owed)

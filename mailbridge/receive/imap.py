@@ -139,6 +139,7 @@ def drain(runtime: Runtime, client: IMAPClient, folders: session.Folders, mailbo
                 continue  # expunged by someone else meanwhile
             if sizes[uid] > settings.smtp.max_message_bytes:
                 stats.add(Verdict.TOO_BIG)
+                _count(runtime, Verdict.TOO_BIG)
                 failed.append(uid)
             else:
                 wanted.append(uid)
@@ -153,11 +154,24 @@ def drain(runtime: Runtime, client: IMAPClient, folders: session.Folders, mailbo
                 verdict = take(runtime, raw, mailbox.key(uidvalidity, uid),
                                check_content=check_content)
                 stats.add(verdict)
+                _count(runtime, verdict)
                 (failed if verdict.failed else processed).append(uid)
         # Only now, with every row committed, do the messages leave the folder.
         move(client, processed, folders.processed)
         move(client, failed, folders.failed)
     return stats
+
+
+# Metrics: a message seen again (ALREADY, REPEAT) is neither accepted nor refused.
+REFUSED = {Verdict.NON_MEMBER: "not_a_member", Verdict.TOO_BIG: "too_big",
+           Verdict.UNREADABLE: "unreadable"}
+
+
+def _count(runtime: Runtime, verdict: Verdict) -> None:
+    if verdict is Verdict.SPOOLED:
+        runtime.metrics.accepted("imap")
+    elif verdict in REFUSED:
+        runtime.metrics.refused("imap", REFUSED[verdict])
 
 
 def drain_until_quiet(runtime: Runtime, client: IMAPClient, folders: session.Folders,

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiosmtpd.controller import Controller, UnixSocketController
 from aiosmtpd.lmtp import LMTP
 
-from mailbridge.receive.smtp import IntakeHandler, IntakeSMTP
+from mailbridge.receive.smtp import IntakeHandler, IntakeSMTP, count
 from mailbridge.runtime import Runtime
 
 
@@ -28,6 +28,7 @@ class LmtpHandler(IntakeHandler):
         """The message is spooled once for all its recipients; the outcome is then told for
         each, in the order of RCPT, as LMTP requires."""
         status = await super().handle_DATA(server, session, envelope)
+        count(self, status, times=len(envelope.rcpt_tos))  # the joined answer is not counted
         return "\r\n".join(per_recipient(status, rcpt) for rcpt in envelope.rcpt_tos)
 
 

@@ -34,6 +34,24 @@ DATABASE_UNAVAILABLE = "451 4.3.0 Temporary failure, please try again later"
 DISK_FULL = "452 4.3.1 Insufficient system storage, please try again later"
 TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 
+# What each of those replies counts as in the metrics (the reply, not the client's words).
+OUTCOMES = {OK: "accepted", NO_SUCH_ADDRESS: "no_such_address", NOT_A_MEMBER: "not_a_member",
+            TOO_BIG: "too_big", limits.OVER_BUDGET: "over_budget",
+            DATABASE_UNAVAILABLE: "database_unavailable", DISK_FULL: "disk_full",
+            TLS_REQUIRED: "tls_required"}
+
+
+def count(handler, status: str, times: int = 1) -> None:
+    """Every reply that accepts or refuses a message passes here, once."""
+    outcome = OUTCOMES.get(status)
+    if outcome is None:
+        return
+    for _ in range(times):
+        if outcome == "accepted":
+            handler.runtime.metrics.accepted(handler.channel)
+        else:
+            handler.runtime.metrics.refused(handler.channel, outcome)
+
 
 class IntakeSMTP(SMTP):
     """aiosmtpd's own refusals lack enhanced status codes (RFC 3463); we add them. During DATA
@@ -44,6 +62,7 @@ class IntakeSMTP(SMTP):
             status = TOO_BIG
         elif status.startswith("530 Must issue a STARTTLS"):
             status = TLS_REQUIRED
+        count(self.event_handler, status)
         await super().push(status)
 
     async def smtp_DATA(self, arg: str) -> None:

@@ -46,6 +46,7 @@ def create_share(runtime: Runtime, row: InboundMessage, raw: bytes, member: Memb
         _delete(runtime, blobs)
         raise
     runtime.wake_dispatcher.set()
+    runtime.metrics.share_created()
     log.info("inbound #%d: share #%d created with %d document(s) for %d recipient(s)",
              row.id, share.id, len(blobs), len(request.recipients))
     return Done(share.id, "share created")

@@ -4,8 +4,9 @@ serve`) or for gunicorn (`mailbridge.web.wsgi:app`)."""
 from __future__ import annotations
 
 import importlib.resources
+import time
 
-from flask import Flask, redirect, render_template, url_for
+from flask import Flask, g, redirect, render_template, request, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -48,6 +49,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
         WTF_CSRF_SSL_STRICT=True,
         MAX_CONTENT_LENGTH=64 * 1024,  # forms only; nothing is uploaded here
     )
+    _measure_requests(app, runtime)
     if settings.web.proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.web.proxies,
                                 x_proto=settings.web.proxies)
@@ -109,3 +111,21 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
             runtime.db.close()
 
     return app
+
+
+def _measure_requests(app: Flask, runtime: Runtime) -> None:
+    """Requests by route and status, and their duration, for /metrics. Registered before
+    CSRF and the rate limiter so that what they refuse is timed too; the route is the Flask
+    endpoint name, never the URL (link URLs carry tokens)."""
+
+    @app.before_request
+    def start_clock():
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def count_request(response):
+        started = g.get("metrics_started")
+        seconds = time.perf_counter() - started if started is not None else 0.0
+        route = request.endpoint if request.endpoint in app.view_functions else "unmatched"
+        runtime.metrics.request_served(route, response.status_code, seconds)
+        return response

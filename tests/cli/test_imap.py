@@ -41,6 +41,9 @@ port = {smtp_port}
 [web]
 port = {web_port}
 
+[metrics]
+port = 0
+
 [addresses]
 sharing = "share@portal.example"
 reply_domain = "reply.portal.example"

@@ -136,6 +136,9 @@ port = {smtp_port}
 [web]
 port = {free_port()}
 
+[metrics]
+port = 0
+
 [addresses]
 sharing = "{SHARING}"
 reply_domain = "reply.portal.example"
@@ -444,7 +447,7 @@ def test_open_file_limit_is_raised_for_the_connection_limit_or_warned_about(setu
         process.kill()
 
 
-@pytest.mark.parametrize("section", ["smtp", "web"])
+@pytest.mark.parametrize("section", ["smtp", "web", "metrics"])
 def test_a_port_in_use_is_one_line_naming_the_key_and_nothing_starts(setup, section):
     taken = socket.socket()
     taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -122,6 +122,7 @@ class Site:
             "database": {"url": self.db.url},
             "smtp": {"port": self.smtp_port},
             "web": {"port": free_port()},
+            "metrics": {"port": 0},  # nodes side by side: each its own port
             "addresses": {"sharing": SHARING, "reply_domain": "reply.portal.example"},
             "outbound": {"transport": "smtp", "from": "mailbridge@portal.example",
                          "retry_base_seconds": 1, "retry_max_seconds": 5},

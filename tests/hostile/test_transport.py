@@ -51,6 +51,8 @@ data_dir = "data"
 port = {smtp_port}
 [web]
 port = {web_port}
+[metrics]
+port = 0
 [addresses]
 sharing = "{SHARING}"
 reply_domain = "reply.portal.example"

@@ -200,6 +200,11 @@ def test_uidvalidity_change_does_not_import_the_folder_again(server, user, runti
     stats = poll_once(runtime)
     process_all(runtime)
     assert stats[Verdict.REPEAT] == 1 and stats[Verdict.SPOOLED] == 1
+    # The metrics count the new message as accepted; the repeat is neither accepted nor refused.
+    sample = runtime.metrics.registry.get_sample_value
+    assert sample("mailbridge_intake_accepted_total", {"channel": "imap"}) == 1
+    assert sum(sample("mailbridge_intake_refused_total", {"channel": "imap", "reason": r})
+               for r in ("not_a_member", "too_big", "unreadable")) == 0
     assert InboundMessage.select().count() == 2 and Share.select().count() == 1
     assert OutboundMessage.select().where(OutboundMessage.kind == "notice").count() == 1
     assert server.count("INBOX", user) == 0 and server.count(PROCESSED, user) == 2
@@ -240,6 +245,10 @@ def test_non_member_goes_to_the_failed_folder_without_any_reply(server, user, se
     assert server.count("INBOX", user) == 0 and server.count(PROCESSED, user) == 0
     assert Share.select().count() == 0 and InboundMessage.select().count() == 0
     assert OutboundMessage.select().count() == 0 and running.sink.messages == []
+    sample = running.runtime.metrics.registry.get_sample_value
+    assert sample("mailbridge_intake_refused_total",
+                  {"channel": "imap", "reason": "not_a_member"}) == 1
+    assert sample("mailbridge_intake_accepted_total", {"channel": "imap"}) == 0
 
 
 AUTH_RESULTS = (b"Authentication-Results: mx.google.com;\r\n"

@@ -126,3 +126,13 @@ def test_over_a_unix_socket_the_mta_on_this_host_is_trusted(runtime, tmp_path):
 def test_per_recipient_answers_keep_the_status_and_name_the_recipient():
     assert per_recipient("451 4.3.0 Temporary failure", "a@b.example") == (
         "451 4.3.0 <a@b.example> Temporary failure")
+
+
+def test_lmtp_outcomes_are_counted_per_recipient_under_their_own_channel(tcp):
+    running, target = tcp
+    add_jane()
+    deliver(target, bytes(share_message()), [SHARING, REPLY, "nobody@portal.example"])
+    metrics = running.runtime.metrics
+    assert metrics.intake_accepted.labels("lmtp")._value.get() == 2
+    assert metrics.intake_refused.labels("lmtp", "no_such_address")._value.get() == 1
+    assert metrics.intake_accepted.labels("smtp")._value.get() == 0
