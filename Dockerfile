@@ -27,7 +27,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MAILBRIDGE_SMTP_HOST=0.0.0.0 \
     MAILBRIDGE_SMTP_PORT=2525 \
     MAILBRIDGE_WEB_HOST=0.0.0.0 \
-    MAILBRIDGE_WEB_PORT=8080
+    MAILBRIDGE_WEB_PORT=8080 \
+    MAILBRIDGE_METRICS_HOST=0.0.0.0 \
+    MAILBRIDGE_METRICS_PORT=9464
 RUN groupadd --system --gid 10001 mailbridge \
  && useradd --system --uid 10001 --gid mailbridge --home-dir /var/lib/mailbridge \
         --shell /usr/sbin/nologin mailbridge \
@@ -43,7 +45,8 @@ RUN pip install --no-cache-dir --no-index --find-links=/wheels "mailbridge[postg
 USER 10001:10001
 WORKDIR /var/lib/mailbridge
 VOLUME ["/var/lib/mailbridge"]
-EXPOSE 2525 8080
+# 9464: /metrics, unauthenticated: publish it only to the monitoring network.
+EXPOSE 2525 8080 9464
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MAILBRIDGE_WEB_PORT', '8080'), timeout=4)"]
 ENTRYPOINT ["mailbridge"]
