@@ -170,7 +170,8 @@ def test_image_exposes_and_health_checks_the_ports_it_configures():
     run = stages()[-1]
     env = dict(re.findall(r"(MAILBRIDGE_\w+)=(\S+)", " ".join(instructions(run, "ENV"))))
     assert instructions(run, "EXPOSE") == [f"{env['MAILBRIDGE_SMTP_PORT']} "
-                                           f"{env['MAILBRIDGE_WEB_PORT']}"]
+                                           f"{env['MAILBRIDGE_WEB_PORT']} "
+                                           f"{env['MAILBRIDGE_METRICS_PORT']}"]
     [health] = instructions(run, "HEALTHCHECK")
     assert "/healthz" in health and "MAILBRIDGE_WEB_PORT" in health
     assert env["MAILBRIDGE_SERVICE_DATA_DIR"] == "/var/lib/mailbridge"
