@@ -171,6 +171,11 @@ def _v9_staff(db: peewee.Database, keys: Keys | None) -> None:
                                                             models.WebSession.member))
 
 
+def _v11_access_requests(db: peewee.Database, keys: Keys | None) -> None:
+    """Requests for access by someone a link was forwarded to."""
+    db.create_tables([models.AccessRequest], safe=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -182,6 +187,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
     (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
     (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
+    (11, "access requests from forwarded links", _v11_access_requests),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -19,6 +19,7 @@ from mailbridge.web import (
     documents,
     library,
     link_actions,
+    link_requests,
     links,
     staff_auth,
     staff_clinic,
@@ -61,7 +62,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
                       headers_enabled=False)
     app.extensions["mailbridge_limiter"] = limiter
     for module in (links, link_actions, accounts, library, documents, staff_auth,
-                   staff_passkeys, staff_sent, staff_clinic):
+                   staff_passkeys, staff_sent, staff_clinic, link_requests):
         module.register(app, limiter)
 
     @app.context_processor
