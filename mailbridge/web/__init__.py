@@ -24,6 +24,7 @@ from mailbridge.web import (
     staff_auth,
     staff_clinic,
     staff_passkeys,
+    staff_requests,
     staff_sent,
 )
 from mailbridge.web.access import current_account
@@ -62,7 +63,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
                       headers_enabled=False)
     app.extensions["mailbridge_limiter"] = limiter
     for module in (links, link_actions, accounts, library, documents, staff_auth,
-                   staff_passkeys, staff_sent, staff_clinic, link_requests):
+                   staff_passkeys, staff_sent, staff_clinic, link_requests, staff_requests):
         module.register(app, limiter)
 
     @app.context_processor
