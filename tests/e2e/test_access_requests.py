@@ -92,3 +92,62 @@ def test_forwarded_link_request_code_approve_by_reply_own_link(live, browser):  
     shot(page, "25-own-library")
     assert Grant.get(Grant.address == DOCTOR).state == "pending"  # the doctor's link is hers
     page.context.close()
+
+
+def test_signed_in_elsewhere_asks_and_the_sender_denies_in_the_console(live, browser):  # noqa: F811
+    from mailbridge.clock import system_clock
+    from mailbridge.store.models import StaffAccount
+    from mailbridge.web.passwords import hash_password
+    from tests.e2e.test_staff_console import shot as staff_shot
+    from tests.portal_helpers import make_account
+
+    jane = add_jane()
+    StaffAccount.create(member=jane, password_hash=hash_password(PASSWORD),
+                        created_at=system_clock(), verified_at=system_clock())
+    live.send(share_message(recipients=[DOCTOR], subject="Referral for T.R.",
+                            attachments=[("referral.pdf", one_page_pdf("Referral"))]))
+    [link_mail] = mail_to(live.sink, DOCTOR, 1)
+    forwarded = LINK.search(text_of(link_mail)).group(0)
+
+    # The assistant already has an account of her own and is signed in with it.
+    make_account(live.runtime, ASSISTANT)
+    page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+    page.goto(f"{live.base}/signin")
+    page.fill("input[name=email]", ASSISTANT)
+    page.fill("input[name=password]", PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.goto(forwarded)
+    page.get_by_role("button", name="Continue").click()
+    assert "sent to someone else" in page.content() and "Referral" not in page.content()
+    shot(page, "26-wrong-account-offers-request")
+    page.get_by_role("link", name="Request access for my own address").click()
+    assert page.input_value("input[name=email]") == ASSISTANT
+    page.get_by_role("button", name="Send me a code").click()
+    [code_mail] = mail_to(live.sink, ASSISTANT, 1)
+    page.fill("input[name=code]", CODE.search(str(code_mail.message["Subject"])).group(1))
+    page.get_by_role("button", name="Confirm and send the request").click()
+    assert "Your request was sent" in page.content()
+
+    # Jane answers in the staff console.
+    staff = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+    staff.goto(f"{live.base}/staff")
+    staff.fill("#email", MEMBER)
+    staff.fill("#password", PASSWORD)
+    staff.get_by_role("button", name="Sign in", exact=True).click()
+    staff.wait_for_url("**/staff/sent")
+    staff.get_by_role("link", name="Requests").click()
+    assert ASSISTANT in staff.content() and f"the one sent to {DOCTOR}" in staff.content()
+    staff_shot(staff, "20-requests")
+    staff.get_by_role("link", name=f"Deny {ASSISTANT}").click()
+    staff_shot(staff, "21-request-deny-confirm", phone=False)
+    staff.get_by_role("button", name="Yes, deny").click()
+    assert "Access refused" in staff.content() and "No request is waiting" in staff.content()
+
+    refusal = mail_to(live.sink, ASSISTANT, 2)[-1]
+    raw = refusal.raw.decode(errors="replace")
+    assert "not granted" in str(refusal.message["Subject"])
+    assert "Referral" not in raw and "referral.pdf" not in raw and DOCTOR not in raw
+    assert AccessRequest.get().state == "denied"
+    assert not Grant.select().where(Grant.address == ASSISTANT).exists()
+    page.context.close()
+    staff.context.close()

@@ -61,7 +61,7 @@ def test_the_sender_sees_the_request_and_approves_it(desk):
     rt, app, share, request = desk
     client = console_for(app, rt, share.sender)
     page = client.get("/staff/requests").get_data(as_text=True)
-    assert ASSISTANT in page and "Maria Lopez" in page and f"sent to {OWNER}" in page
+    assert ASSISTANT in page and "Maria Lopez" in page and f"the one sent to {OWNER}" in page
     assert "POC for R.T." in page and 'href="/staff/requests"' in page
     assert not Grant.select().where(Grant.address == ASSISTANT).exists()  # GETs change nothing
     done = decide(client, request.id, "approve")
