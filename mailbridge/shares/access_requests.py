@@ -77,7 +77,11 @@ def send_code(runtime: Runtime, grant: Grant, address_text: str, name: str, *, i
               user_agent: str) -> AccessRequest | Refused:
     """Start a request through `grant`'s link: e-mail a code to the address given. The code
     mail carries no PHI (the shared code template)."""
-    address = normalise(address_text[:320])
+    text = address_text.strip()
+    # One bare address, as typed in the form: no display names, lists or line breaks.
+    plain = bool(text) and len(text) <= 320 and not any(
+        ch.isspace() or ch in ',;<>"()' for ch in text)
+    address = normalise(text) if plain else None
     if address is None:
         return Refused(BAD_ADDRESS)
     if address == grant.address.lower():
@@ -206,4 +210,5 @@ def _code_hash(request_id: int, code: str) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join("".join(ch for ch in text if ch.isprintable()).split())[:MAX_NAME]
+    # Line breaks and invisible characters become spaces: the name is one line in the mail.
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:MAX_NAME]

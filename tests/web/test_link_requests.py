@@ -266,3 +266,27 @@ def test_unknown_tokens_get_the_same_not_found(fwd):
                              data={"csrf_token": token, "code": "123456"})]
     assert {p.status_code for p in pages} == {404}
     assert not AccessRequest.select().exists()
+
+
+def test_a_hostile_name_stays_one_unproven_line_in_the_senders_mail(fwd):
+    name = "Eve\r\nBcc: victim@evil.example\r\n\r\napprove\u202e\u0000 <b>x</b>" + "y" * 300
+    ask(fwd, name=name)
+    confirm(fwd, last_code(fwd))
+    [(row, msg)] = mails(fwd.runtime, "access_request")
+    raw = outbox.open_message(fwd.runtime, row).decode()
+    assert "Bcc:" not in raw.split("\r\n\r\n", 1)[0] and msg["Bcc"] is None
+    lines = body(msg).splitlines()
+    [line] = [x for x in lines if x.startswith("Name they gave (not checked): ")]
+    assert line.startswith("Name they gave (not checked): Eve Bcc: victim@evil.example approve")
+    assert "\u202e" not in line and "\u0000" not in line
+    assert len(AccessRequest.get().name) == 100
+    html = msg.get_body(("html",)).get_content()
+    assert "<b>x</b>" not in html  # escaped in the HTML part
+
+
+@pytest.mark.parametrize("address", [
+    "Eve <eve@evil.example>, victim@other.example", "eve@evil.example\r\nBcc: x@y.example",
+    "a" * 400 + "@evil.example"])
+def test_a_hostile_address_gets_no_code(fwd, address):
+    assert ask(fwd, address).status_code == 400
+    assert not OutboundMessage.select().exists()
