@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 
 from mailbridge.runtime import Runtime
-from mailbridge.shares import orphans, retention
+from mailbridge.shares import access_requests, orphans, retention
 from mailbridge.shares.jobs import Stop, stopped
 from mailbridge.store.blobs import StorageError
 from mailbridge.store.models import InboundMessage, OneTimeCode, PasswordReset, WebSession
@@ -40,6 +40,7 @@ def purge(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
                                            | (OneTimeCode.expires_at < code_cutoff)).execute()
         resets = PasswordReset.delete().where((PasswordReset.used_at < code_cutoff)
                                               | (PasswordReset.expires_at < code_cutoff)).execute()
+        codes += access_requests.purge_unverified(code_cutoff)
     orphaned = 0 if stopped(stop) else orphans.sweep(runtime, stop=stop)
     shredded = 0 if stopped(stop) else retention.shred_expired(runtime, stop=stop)
     pruned = 0 if stopped(stop) else retention.prune_audit(runtime)
