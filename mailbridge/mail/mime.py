@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email
 import email.errors
 import email.feedparser
@@ -207,16 +208,44 @@ def _clean_base64(part: email.message.Message) -> bytes | None:
 def part_text(part: email.message.Message) -> str:
     """A text part's content as str, surviving wrong and unknown charsets."""
     data = payload(part) or b""
-    try:
-        charset = part.get_content_charset() or "us-ascii"
-    except Exception:  # noqa: BLE001
-        charset = "us-ascii"
-    for candidate in (charset, "utf-8"):
+    for candidate in (part_codec(part) or "ascii", "utf-8"):
         try:
             return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
+        except UnicodeDecodeError:
             continue
     return data.decode("cp1252", "replace")
+
+
+def part_codec(part: email.message.Message) -> str | None:
+    """The codec of the part's declared charset; None if it declares none or none usable."""
+    try:
+        return codec_name(part.get_content_charset())
+    except Exception:  # noqa: BLE001 - a hostile Content-Type can trip the stdlib's parser
+        return None
+
+
+# Python knows these names, but they are no charset of mail: they turn escapes or IDNA into
+# text (making lone surrogates on the way) or refuse everything ("undefined").
+_NOT_MAIL_CODECS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode",
+                              "undefined"})
+# IANA charset names are short ASCII words; anything else (NUL, spaces, 8-bit) is no name.
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,63}")
+
+
+def codec_name(charset: str | None) -> str | None:
+    """The Python codec for a MIME charset name, or None when the name is unusable: unknown,
+    malformed, a bytes transform (base64, rot13) or one of _NOT_MAIL_CODECS. Decoding with
+    what this returns can fail only with UnicodeDecodeError."""
+    name = charset.strip() if isinstance(charset, str) else ""
+    if not _CHARSET_NAME.fullmatch(name):
+        return None
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_MAIL_CODECS:
+        return None
+    return info.name
 
 
 def children(part: email.message.Message) -> list[email.message.Message]:

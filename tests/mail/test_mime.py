@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import tracemalloc
 
+import pytest
+
 from mailbridge.mail import mime, request
-from tests.conftest import make_settings
+from tests.conftest import MAIL, make_settings
 from tests.helpers import share_message, wire
 
 
@@ -44,3 +46,28 @@ def test_a_large_attachment_is_not_copied_over_and_over(tmp_path):
     # The message as text (4/3 of the file) plus the decoded file, with room to spare —
     # the standard library's own path needed more than ten times the file.
     assert peak < 5 * size, f"peak {peak / size:.1f} times the attachment"
+
+
+def test_a_nul_inside_the_charset_name_still_gives_the_share(tmp_path):
+    # charset="utf\x008" made bytes.decode raise ValueError: the message was parked as failed
+    # and the member never heard why. An unusable charset name reads as UTF-8 instead.
+    raw = (MAIL / "charset_with_nul_byte.eml").read_bytes()
+    parsed = request.parse_share(mime.read_message(raw), ["share@portal.example"],
+                                 make_settings(tmp_path))
+    assert isinstance(parsed, request.ParsedShare), parsed
+    assert parsed.recipients == ["dr.smith@ortho.example"]
+    assert "café notes" in parsed.note_html
+    assert [a.filename for a in parsed.attachments] == ["plan.pdf"]
+
+
+@pytest.mark.parametrize("name, codec", [
+    ("UTF-8", "utf-8"), (" utf8 ", "utf-8"), ("ISO-8859-1", "iso8859-1"),
+    ("windows-1252", "cp1252"), ("Shift_JIS", "shift_jis"), ("us-ascii", "ascii"),
+    ("utf\x008", None), ("x-unknown", None), ("", None), ("utf-8\ud800", None),
+    # Names Python knows that are no charset of mail: transforms, escapes, IDNA, "undefined".
+    ("rot13", None), ("base64", None), ("hex", None), ("zip", None), ("unicode_escape", None),
+    ("raw-unicode-escape", None), ("idna", None), ("punycode", None), ("undefined", None),
+    ("x" * 200, None),
+])
+def test_a_charset_name_is_a_usable_codec_or_none(name, codec):
+    assert mime.codec_name(name) == codec
