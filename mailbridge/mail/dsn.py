@@ -13,6 +13,8 @@ from email.message import EmailMessage, Message
 from email.parser import HeaderParser
 from email.policy import compat32
 
+from mailbridge.mail.mime import header_text
+
 REPORT_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _BLANK_LINE = re.compile(r"\r?\n[ \t]*\r?\n")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -59,7 +61,7 @@ def _blocks(part: Message) -> list[Message]:
     items = payload if isinstance(payload, list) else [payload]
     text = _utf8("\n\n".join(_as_received(i) if isinstance(i, Message) else str(i)
                               for i in items))
-    encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    encoding = header_text(part, "Content-Transfer-Encoding").strip().lower()
     try:
         if encoding == "base64":
             text = base64.b64decode("".join(text.split())).decode("utf-8", "replace")

@@ -75,8 +75,8 @@ def header_text(part: email.message.Message, name: str) -> str:
     if "\ufffd" in text or "=?" in text:
         raw = _raw_header(part, name)
         if raw is not None:
-            return _decode_words(raw)
-    return text
+            return storable(_decode_words(raw))
+    return storable(text)
 
 
 def _raw_header(part: email.message.Message, name: str) -> str | None:
@@ -112,6 +112,18 @@ def _decode_words(text: str) -> str:
         return text
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` with lone surrogates as U+FFFD. Decoders make them of broken input (UTF-7's
+    "+2AA-", 8-bit bytes kept by the parser): text handed on is stored and mailed as UTF-8,
+    which has no place for them. Every text mime hands out passes through here."""
+    if _LONE_SURROGATE.search(text) is None:
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def content_type(part: email.message.Message) -> str:
     try:
         return part.get_content_type()
@@ -134,7 +146,7 @@ def part_filename(part: email.message.Message) -> str:
         name = ""
     if not name.strip() or "\ufffd" in name or "=?" in name:
         name = _filename_from_raw(part) or name
-    return name if name.strip() else ""
+    return storable(name) if name.strip() else ""
 
 
 def _filename_from_raw(part: email.message.Message) -> str:
@@ -210,7 +222,7 @@ def part_text(part: email.message.Message) -> str:
     data = payload(part) or b""
     for candidate in (part_codec(part) or "ascii", "utf-8"):
         try:
-            return data.decode(candidate)
+            return storable(data.decode(candidate))
         except UnicodeDecodeError:
             continue
     return data.decode("cp1252", "replace")

@@ -37,3 +37,13 @@ def test_a_utf8_report_with_a_stray_8bit_byte_comes_out_as_text_that_can_be_stor
     [failure] = dsn.failed_recipients(mime.read_message(raw))
     assert failure.recipient == "dr.smith@ortho.example"
     assert failure.diagnostic == "550 Empfänger unbekannt \ufffd"
+
+
+def test_an_encoded_word_as_transfer_encoding_is_no_transfer_encoding():
+    # The modern policy decoded it to a lone surrogate and raised reading the field.
+    raw = report(b"Final-Recipient: rfc822; dr.smith@ortho.example\r\nAction: failed\r\n")
+    raw = raw.replace(b"Content-Type: message/delivery-status\r\n",
+                      b"Content-Type: message/delivery-status\r\n"
+                      b"Content-Transfer-Encoding: =?utf-7?q?+2AA-?=\r\n")
+    [failure] = dsn.failed_recipients(mime.read_message(raw))
+    assert failure.recipient == "dr.smith@ortho.example"

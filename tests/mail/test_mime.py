@@ -71,3 +71,29 @@ def test_a_nul_inside_the_charset_name_still_gives_the_share(tmp_path):
 ])
 def test_a_charset_name_is_a_usable_codec_or_none(name, codec):
     assert mime.codec_name(name) == codec
+
+
+def test_utf7_that_decodes_to_lone_surrogates_still_gives_text_that_can_be_stored(tmp_path):
+    # UTF-7 "+2AA-" decodes to a lone surrogate; sealing such a title, note or file name as
+    # UTF-8 raised and parked the message as failed. It now reads as U+FFFD.
+    pdf = b"JVBERi0xLjQKJSVFT0YK\n"
+    raw = (b"From: Jane <jane@riverside-pt.example>\nTo: share@portal.example\n"
+           b"Subject: =?utf-7?q?Plan_+2AA-?=\nMIME-Version: 1.0\n"
+           b"Content-Type: multipart/mixed; boundary=b\n\n"
+           b"--b\nContent-Type: text/plain; charset=utf-7\n\n"
+           b"To: dr.smith@ortho.example\n\nNotes +2AA- inside\n"
+           b"--b\nContent-Type: application/pdf\nContent-ID: <=?utf-7?q?+2AA-?=>\n"
+           b"Content-Disposition: attachment; filename*=utf-7''scan+2AA-.pdf\n"
+           b"Content-Transfer-Encoding: base64\n\n" + pdf + b"--b--\n")
+    msg = mime.read_message(raw)
+    body, document = msg.get_payload()
+    texts = [mime.header_text(msg, "Subject"), mime.part_text(body),
+             mime.part_filename(document), mime.header_text(document, "Content-ID")]
+    assert texts[:3] == ["Plan \ufffd", "To: dr.smith@ortho.example\n\nNotes \ufffd inside",
+                         "scan\ufffd.pdf"]
+    assert "\ufffd" in texts[3]
+    for text in texts:
+        text.encode("utf-8")
+    parsed = request.parse_share(msg, ["share@portal.example"], make_settings(tmp_path))
+    assert "Notes \ufffd inside" in parsed.note_html
+    parsed.note_html.encode("utf-8")
