@@ -218,7 +218,7 @@ def _save(run: Run, data: bytes, found, untrusted, settings) -> None:
         return
     run.signatures.add(signature)
     small = _shrink(data, signature, untrusted, settings)
-    kind = signature.split("|")[1] if "|" in signature else "broken"
+    kind = signature.split("|")[1].replace(" ", "_")
     name = f"{found.entry}-{kind}-{hashlib.sha256(small).hexdigest()[:12]}.eml"
     target = run.args.crashes / name
     if not target.exists():
