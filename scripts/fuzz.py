@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,12 @@ def supervise(args: argparse.Namespace) -> int:
         command += ["--instrument-stdlib"] if args.instrument_stdlib else []
         log = None if args.verbose else open(work / f"libfuzzer-{number}.log", "wb")
         children.append((subprocess.Popen(command, stderr=log), log))
+    def stop(signum, frame):  # Ctrl-C or a TERM: the processes stop and count, as at the end
+        for proc, _ in children:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     codes = [proc.wait() for proc, _ in children]
     for _, log in children:
         if log is not None:
@@ -182,6 +189,8 @@ def child(args: argparse.Namespace) -> int:
     settings = untrusted.fuzz_settings()
     seeds = [p.read_bytes()[:args.max_len] for p in untrusted.seed_files(args.corpus)]
     run = Run(args)
+    signal.signal(signal.SIGTERM, lambda signum, frame: run.finish())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into TERM
 
     def test_one_input(data: bytes) -> None:
         try:
@@ -205,7 +214,8 @@ def child(args: argparse.Namespace) -> int:
         (seed_dir / f"{number:04d}.eml").write_bytes(data)
     argv = [sys.argv[0], str(args.work / "corpus"), str(seed_dir),
             f"-max_len={args.max_len}", f"-timeout={args.timeout}", "-rss_limit_mb=4096",
-            f"-artifact_prefix={args.work / 'artifacts'}/", f"-seed={1 + args.child}"]
+            f"-artifact_prefix={args.work / 'artifacts'}/", f"-seed={1 + args.child}",
+            "-handle_term=0", "-handle_int=0"]
     atheris.Setup(argv, test_one_input, custom_mutator=custom_mutator,
                   custom_crossover=custom_crossover)
     atheris.Fuzz()
