@@ -33,7 +33,8 @@ def expire_due(db: peewee.Database, now: dt.datetime, limit: int) -> list[tuple[
     """Pending grants past their deadline become expired, up to `limit` of them; returns
     (share id, grant id) of each, in grant id order."""
     due = ((Grant.state == GrantState.PENDING) & (Grant.deadline <= now))
-    chosen = Grant.select(Grant.id).where(due).order_by(Grant.id).limit(limit)
+    # No ORDER BY: the partial index hands out due rows without sorting them all per batch.
+    chosen = Grant.select(Grant.id).where(due).limit(limit)
     changed = _rows(db, Grant.update(state=GrantState.EXPIRED, ended_at=now)
                     .where(_among(db, chosen) & due).returning(Grant.share, Grant.id))
     changed.sort(key=lambda row: row[1])
