@@ -50,7 +50,8 @@ def expire_grants(runtime: Runtime, batch: int = EXPIRE_BATCH, stop: Stop = None
 
 def remind_grants(runtime: Runtime, batch: int = 500, stop: Stop = None) -> int:
     """One reminder per unclaimed grant whose deadline is less than its clinic's
-    `remind_before_hours` away (and not past). Links that could not be delivered get none."""
+    `remind_before_hours` away (and not past). Links that could not be delivered get none.
+    Each batch is marked, queued and audited in one transaction of bulk statements."""
     sent = 0
     for clinic in Clinic.select():
         rules = clinics.policy(clinic, runtime.settings)
@@ -76,19 +77,18 @@ def _remind_clinic(runtime: Runtime, clinic: Clinic, window: float, batch: int,
                       & (Grant.deadline <= now + dt.timedelta(hours=window))
                       & (Grant.id > last_id))
                .order_by(Grant.id).limit(batch)]
-        for grant_id in due:
-            if stopped(stop):
-                break
-            sent += notify.remind(runtime, grant_id)
+        sent += notify.remind_many(runtime, due)
         if len(due) < batch or stopped(stop):
             return sent
         last_id = due[-1]
 
 
-def report_expired(runtime: Runtime, batch: int = 200, stop: Stop = None) -> int:
+def report_expired(runtime: Runtime, batch: int = 100, stop: Stop = None) -> int:
     """One notice per share to its sender, listing the recipients whose links expired since
     the last report. A share whose lapsed grants the `expire` job has not all reached yet waits
-    for the next run, so its recipients come in one notice. Returns the shares reported."""
+    for the next run, so its recipients come in one notice. Returns the shares reported. A
+    batch of shares is one transaction (its notices are composed inside it: they list the
+    grants the UPDATE marked), hence the smaller batch."""
     shares, recipients, last_id = 0, 0, 0
     while True:
         now = runtime.clock()
@@ -98,12 +98,9 @@ def report_expired(runtime: Runtime, batch: int = 200, stop: Stop = None) -> int
                .where((Grant.state == GrantState.EXPIRED) & Grant.expiry_reported_at.is_null()
                       & Grant.share.not_in(lagging) & (Grant.share > last_id))
                .distinct().order_by(Grant.share).limit(batch)]
-        for share_id in due:
-            if stopped(stop):
-                break
-            covered = notify.expiry_summary(runtime, share_id)
-            shares += bool(covered)
-            recipients += covered
+        covered = notify.expiry_summaries(runtime, due)
+        shares += len(covered)
+        recipients += sum(covered.values())
         if len(due) < batch or stopped(stop):
             break
         last_id = due[-1]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import peewee
 from peewee import fn
 
-from mailbridge.store.models import Grant
+from mailbridge.store.models import Grant, Share
 from mailbridge.store.states import GrantState
 
 
@@ -70,3 +70,11 @@ def mark_expiry_reported(db: peewee.Database, share_ids: Sequence[int],
         by_share.setdefault(share_id, []).append((grant_id, address))
     return {share_id: [address for _, address in sorted(rows)]
             for share_id, rows in by_share.items()}
+
+
+def lock_shares(db: peewee.Database, share_ids: Sequence[int]) -> None:
+    """On PostgreSQL, lock the shares' rows in id order for the caller's transaction (SQLite's
+    write transactions hold the whole database already)."""
+    if db.for_update and share_ids:
+        list(Share.select(Share.id).where(Share.id.in_(list(share_ids)))
+             .order_by(Share.id).for_update())
