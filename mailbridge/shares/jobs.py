@@ -34,6 +34,7 @@ def expire_grants(runtime: Runtime, batch: int = EXPIRE_BATCH, stop: Stop = None
     batch per statement and transaction. Safe on several nodes at once: a row changes state
     only if it is still pending."""
     total = 0
+    bulk.roomy_cache(runtime.db)
     while True:
         now = runtime.clock()
         with runtime.db.atomic():
