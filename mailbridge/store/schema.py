@@ -171,6 +171,21 @@ def _v9_staff(db: peewee.Database, keys: Keys | None) -> None:
                                                             models.WebSession.member))
 
 
+# The full indexes the partial ones of version 14 replace.
+SUPERSEDED_INDEXES = ("grant_state", "grant_deadline", "grant_account_id",
+                      *(f"audit_event_{ref}_id" for ref in ("document", "member", "account",
+                                                            "inbound", "clinic")))
+
+
+def _v14_partial_indexes(db: peewee.Database, keys: Keys | None) -> None:
+    """Bulk jobs write a million rows at a time: index only the rows queries look for."""
+    for name in SUPERSEDED_INDEXES:
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+    for name, table, column, where in models.PARTIAL_INDEXES:
+        db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table}" ("{column}") '
+                       f"WHERE {where}")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -182,6 +197,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
     (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
     (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
+    (14, "partial indexes for the set-based jobs (pending and unreported grants, references "
+         "that are mostly empty)", _v14_partial_indexes),
 ]
 LATEST = MIGRATIONS[-1][0]
 
