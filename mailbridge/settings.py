@@ -217,6 +217,13 @@ class MetricsSettings:
     port: int = 9464
 
 
+@dataclass(frozen=True)
+class StorageSettings:
+    # Where encrypted documents and spooled messages are kept: "local" (files under data_dir,
+    # the embedded default) or "database" (rows in [database], read by every node).
+    backend: str = "local"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     service: ServiceSettings
@@ -235,6 +242,7 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     lmtp: LmtpSettings = field(default_factory=LmtpSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
     @property
     def sharing_local(self) -> str:

@@ -114,6 +114,9 @@ def validate(s: Settings) -> None:
     if s.metrics.enabled and not s.metrics.host.strip():
         raise ConfigError("[metrics] host: required when [metrics] enabled = true (e.g. "
                           "\"127.0.0.1\")")
+    if s.storage.backend not in ("local", "database"):
+        raise ConfigError(f"[storage] backend: expected \"local\" or \"database\", got "
+                          f"{s.storage.backend!r}")
     if s.worker.lease_seconds <= 0:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
     if s.worker.retry_max_seconds < s.worker.retry_base_seconds:

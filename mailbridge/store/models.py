@@ -313,3 +313,28 @@ PARTIAL_INDEXES = (
 ALL_MODELS = [SchemaVersion, Clinic, Member, InboundMessage, Share, Document, Account, Grant,
               OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset, SeenMessage,
               AuditHead, AuditCheckpoint, StaffAccount, StaffCode, StaffPasskey]
+
+
+class Blob(BaseModel):
+    """An encrypted blob kept in the database (`[storage] backend = "database"`): its header
+    here, its sealed records in `BlobChunk` rows, so every node reads it."""
+
+    blob_id = pw.CharField(max_length=32, primary_key=True)
+    store = pw.CharField(max_length=16)  # "documents" or "spool"
+    header = pw.BlobField()
+    created_at = pw.FloatField()  # wall-clock seconds, like a file's time (orphan sweep)
+
+    class Meta:
+        indexes = ((("store", "created_at"), False),)
+
+
+class BlobChunk(BaseModel):
+    blob = pw.CharField(max_length=32)  # Blob.blob_id; rows go first when a blob is deleted
+    seq = pw.IntegerField()
+    data = pw.BlobField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("blob", "seq")
+
+
+ALL_MODELS += [Blob, BlobChunk]  # noqa: E305

@@ -171,6 +171,14 @@ def _v9_staff(db: peewee.Database, keys: Keys | None) -> None:
                                                             models.WebSession.member))
 
 
+def _v10_blobs_in_database(db: peewee.Database, keys: Keys | None) -> None:
+    """Blobs kept in the database (`[storage] backend = "database"`)."""
+    db.create_tables([models.Blob, models.BlobChunk], safe=True)
+    if isinstance(db, peewee.PostgresqlDatabase):
+        # Sealed records do not compress: skip TOAST's attempt and store them out of line.
+        db.execute_sql("ALTER TABLE blob_chunk ALTER COLUMN data SET STORAGE EXTERNAL")
+
+
 # The full indexes the partial ones of version 14 replace.
 SUPERSEDED_INDEXES = ("grant_state", "grant_deadline", "grant_account_id",
                       *(f"audit_event_{ref}_id" for ref in ("document", "member", "account",
@@ -197,6 +205,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
     (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
     (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
+    (10, "encrypted blobs kept in the database (shared document storage)",
+     _v10_blobs_in_database),
     (14, "partial indexes for the set-based jobs (pending and unreported grants, references "
          "that are mostly empty)", _v14_partial_indexes),
 ]
