@@ -20,6 +20,7 @@ from mailbridge.cli import (
     setup,
     shares,
     spool,
+    worker,
 )
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.config import ConfigError
@@ -43,6 +44,7 @@ def cli(ctx: click.Context, config_path: str) -> None:
 cli.add_command(setup.init)
 cli.add_command(setup.db)
 cli.add_command(serve.serve)
+cli.add_command(worker.worker)
 cli.add_command(policy.policy)
 cli.add_command(audit.audit_group)
 cli.add_command(backup.backup_command)
