@@ -3,6 +3,7 @@ config.toml, with the defaults (`config.load_settings` fills and validates them)
 
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,10 @@ class WorkerSettings:
     # Database or storage trouble: the message waits (attempts not counted), back-off capped here.
     retry_max_seconds: float = 300.0
     poll_seconds: float = 5.0
+    # Worker processes beside the SMTP listener, each running the spool worker and the outbox
+    # dispatcher with its own database connections; 0: both run as threads inside `serve`.
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    batch: int = 4  # spooled messages a worker takes at once (other workers take the next ones)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -121,6 +121,10 @@ def validate(s: Settings) -> None:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
     if s.worker.retry_max_seconds < s.worker.retry_base_seconds:
         raise ConfigError("[worker] retry_max_seconds: must be at least retry_base_seconds")
+    if not 0 <= s.worker.processes <= 256:
+        raise ConfigError("[worker] processes: must be from 0 (threads inside serve) to 256")
+    if not 1 <= s.worker.batch <= 100:
+        raise ConfigError("[worker] batch: must be from 1 to 100")
     _validate_smtp_tls(s.smtp)
     _validate_relay_tls(s.outbound.smtp)
     _validate_imap(s.imap)
