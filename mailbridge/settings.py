@@ -135,6 +135,7 @@ class ShareSettings:
     remind_before_hours: float = 4.0  # 0, or not less than claim_hours: no reminder
     max_extend_hours: float = 168.0  # cap for `extend [hours]`
     allow_clinic_admins: bool = False  # admins of the sender's clinic may manage by reply too
+    access_request_hours: float = 72.0  # an unanswered request for access lapses after this
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -91,6 +91,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("[shares] remind_before_hours: must be 0 (off) or more")
     if s.shares.max_extend_hours <= 0:
         raise ConfigError("[shares] max_extend_hours: must be more than 0")
+    if not 0 < s.shares.access_request_hours <= 24 * 30:
+        raise ConfigError("[shares] access_request_hours: must be more than 0 and at most 720")
     if s.retention.audit_retention_days < 0:
         raise ConfigError("[retention] audit_retention_days: must be 0 (kept for good) or more")
     for key in ("spool_days", "session_days", "code_days", "orphan_hours"):

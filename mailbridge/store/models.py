@@ -338,3 +338,29 @@ class BlobChunk(BaseModel):
 
 
 ALL_MODELS += [Blob, BlobChunk]  # noqa: E305
+
+
+class AccessRequest(BaseModel):
+    """Someone holding another recipient's link asks for access for their own address: proven
+    by a one-time code (stored on the row, as a hash), then answered by the share's sender."""
+
+    share = pw.ForeignKeyField(Share, backref="access_requests", on_delete="CASCADE")
+    origin = pw.ForeignKeyField(Grant, backref="access_requests", on_delete="CASCADE")
+    address = pw.CharField(max_length=320, index=True)  # the requester's, proven by the code
+    name = pw.CharField(max_length=100, default="")  # as the requester typed it, unproven
+    state = pw.CharField(max_length=16, default="unverified", index=True)
+    created_at = pw.DateTimeField(index=True)
+    code_hash = pw.CharField(max_length=200)
+    code_expires_at = pw.DateTimeField()
+    code_attempts = pw.IntegerField(default=0)
+    requested_at = pw.DateTimeField(null=True)  # the code was right: the sender was asked
+    expires_at = pw.DateTimeField(null=True)  # unanswered by then: expired
+    notice_message_id = pw.CharField(max_length=400, default="", index=True)  # to the sender
+    decided_at = pw.DateTimeField(null=True)
+    decided_by = pw.CharField(max_length=320, default="")
+    grant = pw.ForeignKeyField(Grant, null=True, on_delete="SET NULL")  # made by approving
+    ip = pw.CharField(max_length=64, default="")
+
+
+
+ALL_MODELS += [AccessRequest]  # noqa: E305

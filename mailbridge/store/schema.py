@@ -179,6 +179,11 @@ def _v10_blobs_in_database(db: peewee.Database, keys: Keys | None) -> None:
         db.execute_sql("ALTER TABLE blob_chunk ALTER COLUMN data SET STORAGE EXTERNAL")
 
 
+def _v11_access_requests(db: peewee.Database, keys: Keys | None) -> None:
+    """Requests for access by someone a link was forwarded to."""
+    db.create_tables([models.AccessRequest], safe=True)
+
+
 # The full indexes the partial ones of version 14 replace.
 SUPERSEDED_INDEXES = ("grant_state", "grant_deadline", "grant_account_id",
                       *(f"audit_event_{ref}_id" for ref in ("document", "member", "account",
@@ -207,6 +212,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
     (10, "encrypted blobs kept in the database (shared document storage)",
      _v10_blobs_in_database),
+    (11, "access requests from forwarded links", _v11_access_requests),
     (14, "partial indexes for the set-based jobs (pending and unreported grants, references "
          "that are mostly empty)", _v14_partial_indexes),
 ]

@@ -19,10 +19,12 @@ from mailbridge.web import (
     documents,
     library,
     link_actions,
+    link_requests,
     links,
     staff_auth,
     staff_clinic,
     staff_passkeys,
+    staff_requests,
     staff_sent,
 )
 from mailbridge.web.access import current_account
@@ -66,7 +68,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
                       in_memory_fallback_enabled=shared)
     app.extensions["mailbridge_limiter"] = limiter
     for module in (links, link_actions, accounts, library, documents, staff_auth,
-                   staff_passkeys, staff_sent, staff_clinic):
+                   staff_passkeys, staff_sent, staff_clinic, link_requests, staff_requests):
         module.register(app, limiter)
 
     @app.context_processor
