@@ -22,7 +22,7 @@ from mailbridge.runtime import Runtime
 from mailbridge.shares import clinics
 from mailbridge.shares.notices import share_ref
 from mailbridge.store import audit, tokens
-from mailbridge.store.models import Grant, OutboundMessage, Share
+from mailbridge.store.models import Grant, OutboundMessage, SentBack, Share
 from mailbridge.store.states import Audit, Delivery, GrantState, Mail
 
 MAX_REASON_CHARS = 300
@@ -93,6 +93,8 @@ def first_view(runtime: Runtime, grant: Grant) -> bool:
                    .execute())
         if not changed or not runtime.settings.notifications.first_view:
             return False
+        if SentBack.select().where(SentBack.share == grant.share_id).exists():
+            return False  # the member opening documents sent back to them: nobody to tell
         share = Share.get_by_id(grant.share_id)
         sender, timezone = share.sender, share.clinic.timezone
         message = compose.first_view_email(

@@ -171,6 +171,11 @@ def _v9_staff(db: peewee.Database, keys: Keys | None) -> None:
                                                             models.WebSession.member))
 
 
+def _v12_sent_back(db: peewee.Database, keys: Keys | None) -> None:
+    """Documents recipients send back from their library, linked to the original share."""
+    db.create_tables([models.SentBack], safe=True)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -182,6 +187,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
     (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
     (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
+    (12, "documents sent back by recipients, linked to the original share", _v12_sent_back),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -63,6 +63,7 @@ class Mail(StrEnum):
     FIRST_VIEW = "first_view"
     EXPIRY_SUMMARY = "expiry_summary"
     STAFF_CODE = "staff_code"
+    DOCUMENTS_RETURNED = "documents_returned"  # to the sender: a recipient sent documents back
 
 
 # To recipients and about their account: no PHI in them, so they may travel in clear.
@@ -136,6 +137,11 @@ class Audit(StrEnum):
     STAFF_SIGNED_OUT = "staff_signed_out"
     PASSKEY_ADDED = "passkey_added"
     CONSOLE_ACTION = "console_action"
+    # documents sent back by a recipient (shares/send_back.py), on the original share
+    DOCUMENTS_RETURNED = "documents_returned"
+    RETURN_REFUSED = "return_refused"  # wrong type, too large, share ended: nothing stored
+    RETURNED_DOCUMENT_VIEWED = "returned_document_viewed"  # in the staff console
+    RETURNED_DOCUMENT_DOWNLOADED = "returned_document_downloaded"
 
 
 def grant_state(state: str, deadline: dt.datetime, now: dt.datetime) -> GrantState:

@@ -20,10 +20,12 @@ from mailbridge.web import (
     library,
     link_actions,
     links,
+    send_back,
     staff_auth,
     staff_clinic,
     staff_passkeys,
     staff_sent,
+    staff_sent_back,
 )
 from mailbridge.web.access import current_account
 from mailbridge.web.sessions import DatabaseSessionInterface
@@ -61,7 +63,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
                       headers_enabled=False)
     app.extensions["mailbridge_limiter"] = limiter
     for module in (links, link_actions, accounts, library, documents, staff_auth,
-                   staff_passkeys, staff_sent, staff_clinic):
+                   staff_passkeys, staff_sent, staff_clinic, send_back, staff_sent_back):
         module.register(app, limiter)
 
     @app.context_processor
