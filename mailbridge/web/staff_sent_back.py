@@ -20,6 +20,7 @@ from mailbridge.web.documents import (
     download_type,
     inline_viewable,
 )
+from mailbridge.web.library import human_size
 from mailbridge.web.staff_access import require_member
 
 bp = Blueprint("staff_sent_back", __name__)
@@ -74,7 +75,7 @@ def page(member: Member, sent_back_id: int):
     row = _sent_back(member, sent_back_id)
     runtime = access.runtime()
     original, held = row.original, row.share
-    documents = [(d, sealed.document_name(runtime.phi_key, d))
+    documents = [(d, sealed.document_name(runtime.phi_key, d), human_size(d.size))
                  for d in Document.select().where(Document.share == held)
                  .order_by(Document.position, Document.id)]
     return render_template(
