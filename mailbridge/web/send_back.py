@@ -90,7 +90,6 @@ def upload(share_id: int):
     client = access.client()
     limit = runtime.settings.smtp.max_message_bytes
     request.max_content_length = limit + FORM_OVERHEAD
-    request.max_form_parts = MAX_FILES + 10
     # Keep uploaded files in memory (bounded by the limit above): werkzeug would spool large
     # ones to an unencrypted temporary file, and documents are only ever at rest encrypted.
     request._get_file_stream = lambda *args, **kwargs: io.BytesIO()

@@ -236,3 +236,25 @@ def test_another_clinics_member_cannot_open_them(portal):
     # A recipient's session is not a member's: the console sends it to sign in.
     assert signed_in_client(app, rt, smith).get(f"/staff/returns/{sent.id}").status_code == 302
 
+
+
+def test_hostile_names_and_disguised_pages_are_made_harmless(portal):
+    rt, app, share, smith = portal
+    client = signed_in_client(app, rt, smith)
+    page = b"<html><body><script>alert(document.cookie)</script></body></html>\n"
+    answer = _upload(client, share.id, [("../../../etc/passwd.pdf", SIGNED),
+                                        ("report.pdf", page)])
+    assert answer.status_code == 302
+    sent = SentBack.get()
+    staff = _staff_client(app, rt, share.sender)
+    listing = staff.get(f"/staff/returns/{sent.id}").get_data(as_text=True)
+    assert "passwd.pdf" in listing and "../" not in listing
+    documents = list(Document.select().where(Document.share == sent.share_id)
+                     .order_by(Document.position))
+    assert [d.kind for d in documents] == ["pdf", "txt"]
+    # The page disguised as a PDF is text: served as text/plain, never as a page of ours.
+    served = staff.get(f"/staff/returns/{sent.id}/documents/{documents[1].id}/download")
+    assert served.headers["Content-Type"].startswith("text/plain")
+    assert served.headers["X-Content-Type-Options"] == "nosniff"
+    assert "report.pdf.txt" in served.headers["Content-Disposition"]
+    assert staff.get(f"/staff/returns/{sent.id}/documents/{documents[1].id}").status_code == 404
