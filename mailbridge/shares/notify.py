@@ -128,7 +128,9 @@ def expiry_summary(runtime: Runtime, share_id: int) -> int:
                            & (Grant.state == GrantState.EXPIRED)).execute()]
         if not reported:
             return 0
-        notify = runtime.settings.notifications.expiry_summary
+        # Nobody to tell when the member's own link to documents sent back to them lapsed.
+        notify = (runtime.settings.notifications.expiry_summary
+                  and not SentBack.select().where(SentBack.share == share.id).exists())
         if notify:
             sender = share.sender
             message = compose.expiry_summary_email(

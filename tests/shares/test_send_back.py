@@ -157,3 +157,20 @@ def test_a_disabled_sender_or_a_purged_share_refuses(runtime):
     share.purged_at = rt.clock()
     share.save()
     assert send_back.refusal(Grant.get_by_id(grant.id)).reason == "share_purged"
+
+
+def test_the_members_own_link_gets_no_reminder_and_no_expiry_notice(runtime):
+    from mailbridge.shares import jobs
+
+    rt, share, grant = _setup(runtime, console=False)
+    result = send_back.send_back(rt, grant, _files(rt, ("consent.pdf", one_page_pdf("ok"))))
+    [own] = Grant.select().where(Grant.share == result.share_id)
+    hours = (own.deadline - own.created_at).total_seconds() / 3600
+    rt.clock.advance(hours=hours - 1)  # inside the reminder window
+    assert jobs.remind_grants(rt) == 0
+    rt.clock.advance(hours=2)
+    assert jobs.expire_grants(rt) == 1
+    assert jobs.report_expired(rt) == 1  # reported (and audited) ...
+    kinds = {row.kind for row in OutboundMessage.select()}
+    assert kinds == {"documents_returned"}  # ... but nobody e-mailed about it
+    assert Grant.get_by_id(own.id).expiry_reported_at is not None
