@@ -174,3 +174,12 @@ def test_the_members_own_link_gets_no_reminder_and_no_expiry_notice(runtime):
     kinds = {row.kind for row in OutboundMessage.select()}
     assert kinds == {"documents_returned"}  # ... but nobody e-mailed about it
     assert Grant.get_by_id(own.id).expiry_reported_at is not None
+
+
+def test_the_status_report_says_the_recipient_sent_documents_back(runtime):
+    from mailbridge.shares import status
+
+    rt, share, grant = _setup(runtime, console=True)
+    send_back.send_back(rt, grant, _files(rt, ("signed.pdf", one_page_pdf("ok"))))
+    [recipient] = status.share_status(rt, share).recipients
+    assert ("sent documents back", "Sat 28 Nov 2026, 07:00 EST") in recipient.lines
