@@ -362,5 +362,22 @@ class AccessRequest(BaseModel):
     ip = pw.CharField(max_length=64, default="")
 
 
-
 ALL_MODELS += [AccessRequest]  # noqa: E305
+
+
+class SentBack(BaseModel):
+    """Documents a recipient sent back to the sender of `original`. They are kept as a share
+    of their own (`share`, made by the sender's member row), so encryption, retention, backups
+    and the orphan sweep treat them like any document; for a member without a console account
+    that share also has a grant for the member's own address."""
+
+    share = pw.ForeignKeyField(Share, unique=True, backref="sent_back_as", on_delete="CASCADE")
+    original = pw.ForeignKeyField(Share, backref="sent_back", on_delete="CASCADE")
+    grant = pw.ForeignKeyField(Grant, null=True, on_delete="SET NULL")  # who sent them back
+    address = pw.CharField(max_length=320)  # the recipient's address, kept if the grant goes
+    via = pw.CharField(max_length=16)  # "console" | "portal": where the sender opens them
+    created_at = pw.DateTimeField()
+
+
+
+ALL_MODELS += [SentBack]  # noqa: E305
