@@ -218,6 +218,15 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DocumentSettings:
+    """How documents are handed out. A clinic's own `watermark` (`clinics set`) wins."""
+
+    # Every PDF page and image viewed or downloaded carries "Shared with <address> · <date> ·
+    # share <id>", stamped on the fly; the stored original is never changed.
+    watermark: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     service: ServiceSettings
     database: DatabaseSettings
@@ -235,6 +244,7 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     lmtp: LmtpSettings = field(default_factory=LmtpSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    documents: DocumentSettings = field(default_factory=DocumentSettings)
 
     @property
     def sharing_local(self) -> str:

@@ -171,6 +171,15 @@ def _v9_staff(db: peewee.Database, keys: Keys | None) -> None:
                                                             models.WebSession.member))
 
 
+def _v13_watermark(db: peewee.Database, keys: Keys | None) -> None:
+    """A clinic's own watermark setting (None: the configuration's)."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    if "watermark" not in {c.name for c in db.get_columns("clinic")}:
+        migrate(SchemaMigrator.from_database(db).add_column("clinic", "watermark",
+                                                            models.Clinic.watermark))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -182,6 +191,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
     (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
     (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
+    (13, "a clinic's own watermark setting", _v13_watermark),
 ]
 LATEST = MIGRATIONS[-1][0]
 
