@@ -16,6 +16,9 @@ STAMPABLE_KINDS = (*PDF_KINDS, *IMAGE_FORMATS)
 # unstamped (as a type that cannot be stamped) rather than decoded. 50 megapixels is far above
 # any scan or photograph a clinic shares.
 MAX_IMAGE_PIXELS = 50_000_000
+# Stamping costs about a millisecond a page; a small file can declare hundreds of thousands of
+# pages, which would hold a portal thread for minutes. Beyond this it is served unstamped.
+MAX_PDF_PAGES = 3000
 FOOTER_MARGIN = 10.0  # points from the page's visible bottom edge
 GRAY = 0.45  # light enough to read past, dark enough to survive a photocopy
 
@@ -30,7 +33,8 @@ def stampable(kind: str) -> bool:
 
 def stamp(kind: str, data: bytes, text: str) -> bytes | None:
     """The stamped copy, or None when this document cannot be stamped (its type, an encrypted
-    or unreadable PDF, an image too large to decode): the caller then serves the original."""
+    or unreadable PDF or one of too many pages, an image too large to decode): the caller then
+    serves the original."""
     try:
         if kind in PDF_KINDS:
             return stamp_pdf(data, text)
@@ -92,6 +96,8 @@ def stamp_pdf(data: bytes, text: str) -> bytes | None:
     reader = PdfReader(io.BytesIO(data))
     if reader.is_encrypted:
         return None  # rewriting it would drop the sender's protection; served as it is
+    if len(reader.pages) > MAX_PDF_PAGES:
+        return None
     writer = PdfWriter(clone_from=reader)
     overlays: dict[tuple, object] = {}
     for page in writer.pages:

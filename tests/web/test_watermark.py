@@ -187,6 +187,18 @@ def test_a_clinics_own_setting_wins(runtime, configured, clinic, stamped):
     assert (expected_line(grant.share_id) in text) is stamped
 
 
+def test_a_page_bomb_is_not_stamped():
+    """Recipients can send documents back, so a PDF may come from anyone: thousands of empty
+    pages in a small file would otherwise hold a portal thread for minutes."""
+    writer = PdfWriter()
+    for _ in range(watermark.MAX_PDF_PAGES + 1):
+        writer.add_blank_page(612, 792)
+    bomb = io.BytesIO()
+    writer.write(bomb)
+    assert watermark.stamp("pdf", bomb.getvalue(), "Shared with x") is None
+    assert watermark.stamp("pdf", pdf_of_pages("one"), "Shared with x") is not None
+
+
 def test_a_line_too_long_for_the_page_still_fits_as_text():
     narrow = pdf_of_pages("x")
     writer = PdfWriter(clone_from=PdfReader(io.BytesIO(narrow)))
