@@ -43,6 +43,7 @@ class Clinic(BaseModel):
     remind_before_hours = pw.FloatField(null=True)
     document_retention_days = pw.FloatField(null=True)  # None: kept for good
     legal_hold = pw.BooleanField(default=False)  # nothing of the clinic's is purged
+    watermark = pw.BooleanField(null=True)  # None: [documents] watermark decides
 
 
 class Member(BaseModel):
