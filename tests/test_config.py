@@ -244,3 +244,13 @@ def test_mta_listener_mistakes_name_the_key(tmp_path, extra, key):
 def test_an_lmtp_socket_path_is_relative_to_the_config_file(tmp_path):
     s = load_settings(write(tmp_path, MINIMAL + '\n[lmtp]\nsocket = "run/lmtp.sock"\n'), env={})
     assert s.lmtp.socket == str(tmp_path / "run" / "lmtp.sock")
+
+
+def test_storage_backend_is_local_unless_set_and_checked(tmp_path):
+    assert load_settings(write(tmp_path, MINIMAL), env={}).storage.backend == "local"
+    shared = load_settings(write(tmp_path, MINIMAL + '\n[storage]\nbackend = "database"\n'),
+                           env={})
+    assert shared.storage.backend == "database"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, MINIMAL), env={"MAILBRIDGE_STORAGE_BACKEND": "s3"})
+    assert str(info.value).startswith("[storage] backend")

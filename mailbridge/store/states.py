@@ -66,6 +66,7 @@ class Mail(StrEnum):
     ACCESS_CODE = "access_code"  # to someone asking for access: the code for their address
     ACCESS_REQUEST = "access_request"  # to the sender: approve or deny
     ACCESS_REFUSED = "access_refused"  # to the requester: the sender said no
+    DOCUMENTS_RETURNED = "documents_returned"  # to the sender: a recipient sent documents back
 
 
 # To recipients and about their account: no PHI in them, so they may travel in clear.
@@ -156,6 +157,11 @@ class AccessState(StrEnum):
     APPROVED = "approved"
     DENIED = "denied"
     EXPIRED = "expired"
+    # documents sent back by a recipient (shares/send_back.py), on the original share
+    DOCUMENTS_RETURNED = "documents_returned"
+    RETURN_REFUSED = "return_refused"  # wrong type, too large, share ended: nothing stored
+    RETURNED_DOCUMENT_VIEWED = "returned_document_viewed"  # in the staff console
+    RETURNED_DOCUMENT_DOWNLOADED = "returned_document_downloaded"
 
 
 def grant_state(state: str, deadline: dt.datetime, now: dt.datetime) -> GrantState:
