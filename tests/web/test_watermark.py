@@ -23,6 +23,7 @@ from tests.conftest import ARTIFACTS
 from tests.helpers import one_page_pdf
 from tests.portal_helpers import (
     claim,
+    form_token,
     make_account,
     make_app,
     make_share,
@@ -249,3 +250,33 @@ def test_a_stamped_copy_is_never_written_back(runtime):
     assert PdfReader(io.BytesIO(second)).pages[0].extract_text().count("Shared with") == 1
     assert len(first) == len(second)
     assert Document.get_by_id(pdf.id).sha256 == put_bytes(rt.documents, PDF).sha256
+
+
+# --- the staff console ------------------------------------------------------------------------
+
+
+def test_a_clinic_admin_turns_watermarks_on_in_the_console(runtime):
+    rt, app, client, grant, (pdf, *_) = portal_for(runtime, configured=False)
+    admin = grant.share.sender
+    admin.is_admin = True
+    admin.save()
+    sid = secrets.token_urlsafe(32)
+    WebSession.create(id_hash=tokens.hash_token(sid), member=admin, data={},
+                      created_at=rt.clock(), last_seen_at=rt.clock())
+    staff = app.test_client()
+    staff.set_cookie("mb_session", sid)
+    page = staff.get("/staff/clinic/settings").get_data(as_text=True)
+    assert '<option value="configuration" selected>As the server is configured (off)' in page
+    form = {"csrf_token": form_token(page), "timezone": "America/New_York", "claim_hours": "24",
+            "contact": "", "display_name": "", "watermark": "on"}
+    assert staff.post("/staff/clinic/settings", data=form).status_code == 302
+    assert '<option value="on" selected>On' in staff.get("/staff/clinic/settings").get_data(
+        as_text=True)
+    event = AuditEvent.get(AuditEvent.kind == "clinic_changed")
+    assert event.detail["watermark"] is True
+    data = client.get(f"/documents/{pdf.id}/download").data
+    assert expected_line(grant.share_id) in PdfReader(io.BytesIO(data)).pages[0].extract_text()
+    form["watermark"] = "sideways"
+    refused = staff.post("/staff/clinic/settings", data=form)
+    assert refused.status_code == 400 and "must be on, off or configuration" in refused.get_data(
+        as_text=True)
