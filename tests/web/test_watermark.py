@@ -19,6 +19,7 @@ from mailbridge.store import tokens
 from mailbridge.store.blobs import put_bytes
 from mailbridge.store.models import AuditEvent, Document, WebSession
 from mailbridge.web import watermark
+from mailbridge.web.documents import STAMPING_AT_ONCE
 from tests.conftest import ARTIFACTS
 from tests.helpers import one_page_pdf
 from tests.portal_helpers import (
@@ -186,6 +187,28 @@ def test_a_clinics_own_setting_wins(runtime, configured, clinic, stamped):
     assert (data != PDF) is stamped
     text = PdfReader(io.BytesIO(data)).pages[0].extract_text()
     assert (expected_line(grant.share_id) in text) is stamped
+
+
+def test_stamping_waits_its_turn_so_memory_stays_bounded(runtime):
+    """Each stamped copy lives in memory while it is built: past STAMPING_AT_ONCE, a download
+    waits for one to finish instead of adding another."""
+    _, app, client, grant, (pdf, *_) = portal_for(runtime, configured=True)
+    slots = app.extensions["mailbridge_stamping"]
+    for _ in range(STAMPING_AT_ONCE):
+        slots.acquire()  # as if that many large copies were being stamped
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        client.get(f"/documents/{pdf.id}/download")))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive() and not answers  # still waiting for a free slot
+    slots.release()
+    waiting.join(15)
+    assert not waiting.is_alive()
+    assert expected_line(grant.share_id) in PdfReader(io.BytesIO(answers[0].data)).pages[
+        0].extract_text()
+    for _ in range(STAMPING_AT_ONCE - 1):
+        slots.release()
 
 
 def test_a_page_bomb_is_not_stamped():
