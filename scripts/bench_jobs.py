@@ -113,6 +113,7 @@ def run(root: Path, url: str, args) -> None:
     cfg = root / "config.toml"
     cfg.write_text(CONFIG.format(url=url))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBRIDGE_")}
+    env["PYTHONPATH"] = str(ROOT)  # this tree's mailbridge, as imported here
     subprocess.run([sys.executable, "-m", "mailbridge", "--config", str(cfg), "init"],
                    check=True, env=env, stdout=subprocess.DEVNULL, cwd=root)
     runtime = build_runtime(load_settings(cfg, env={}))
