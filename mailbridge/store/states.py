@@ -147,6 +147,11 @@ class Audit(StrEnum):
     ACCESS_REQUESTED = "access_requested"
     ACCESS_APPROVED = "access_approved"
     ACCESS_REFUSED = "access_refused"
+    # documents sent back by a recipient (shares/send_back.py), on the original share
+    DOCUMENTS_RETURNED = "documents_returned"
+    RETURN_REFUSED = "return_refused"  # wrong type, too large, share ended: nothing stored
+    RETURNED_DOCUMENT_VIEWED = "returned_document_viewed"  # in the staff console
+    RETURNED_DOCUMENT_DOWNLOADED = "returned_document_downloaded"
 
 
 class AccessState(StrEnum):
@@ -157,11 +162,6 @@ class AccessState(StrEnum):
     APPROVED = "approved"
     DENIED = "denied"
     EXPIRED = "expired"
-    # documents sent back by a recipient (shares/send_back.py), on the original share
-    DOCUMENTS_RETURNED = "documents_returned"
-    RETURN_REFUSED = "return_refused"  # wrong type, too large, share ended: nothing stored
-    RETURNED_DOCUMENT_VIEWED = "returned_document_viewed"  # in the staff console
-    RETURNED_DOCUMENT_DOWNLOADED = "returned_document_downloaded"
 
 
 def grant_state(state: str, deadline: dt.datetime, now: dt.datetime) -> GrantState:
