@@ -258,3 +258,30 @@ def test_hostile_names_and_disguised_pages_are_made_harmless(portal):
     assert served.headers["X-Content-Type-Options"] == "nosniff"
     assert "report.pdf.txt" in served.headers["Content-Disposition"]
     assert staff.get(f"/staff/returns/{sent.id}/documents/{documents[1].id}").status_code == 404
+
+
+def test_signing_in_to_the_console_leads_to_the_page_the_email_linked(portal):
+    from mailbridge.web.passwords import hash_password
+    from mailbridge.web.staff_access import page_after_sign_in
+
+    rt, app, share, smith = portal
+    _upload(signed_in_client(app, rt, smith), share.id, [("signed.pdf", SIGNED)])
+    sent = SentBack.get()
+    (StaffAccount.update(password_hash=hash_password("staff console passphrase 7"))
+     .where(StaffAccount.member == share.sender).execute())
+    browser = app.test_client()
+    asked = browser.get(f"/staff/returns/{sent.id}")
+    assert asked.status_code == 302 and asked.headers["Location"].endswith("/staff")
+    token = form_token(browser.get("/staff").get_data(as_text=True))
+    answer = browser.post("/staff/signin", data={"csrf_token": token,
+                                                  "email": share.sender.email,
+                                                  "password": "staff console passphrase 7"})
+    assert answer.status_code == 302
+    assert answer.headers["Location"].endswith(f"/staff/returns/{sent.id}")
+    # Only our own console pages are ever taken as where to go.
+    for stored in ("//evil.example/staff/", "https://evil.example/", "/library", "/staff/\n"):
+        with app.test_request_context("/staff"):
+            from flask import session
+
+            session["staff_next"] = stored
+            assert page_after_sign_in() is None
