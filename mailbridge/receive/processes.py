@@ -155,9 +155,7 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     os.umask(0o077)
     configure_logging(settings.service.log_level)
-    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
-    signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))
     runtime = build_runtime(settings)
     threading.Thread(target=_relay_wakes, args=(wakes, runtime), daemon=True,
                      name="wake-relay").start()
@@ -167,6 +165,10 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int) -> None:
     dispatcher = Dispatcher(runtime, make_mailer(settings), node=claimer,
                             on_failure=notify.mail_failed,
                             out=lambda line: print(line, flush=True))
+    # Until here a SIGTERM ends the process at once (nothing is in hand yet); from here on
+    # it is a graceful stop.
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))
     worker.start()
     dispatcher.start()
     while True:
