@@ -20,6 +20,7 @@ from mailbridge.cli import (
     setup,
     shares,
     spool,
+    storage,
     worker,
 )
 from mailbridge.cli.context import Context, pass_ctx
@@ -55,6 +56,7 @@ cli.add_command(shares.shares)
 cli.add_command(spool.spool_group)
 cli.add_command(jobs.jobs_group)
 cli.add_command(imap.imap_group)
+cli.add_command(storage.storage_group)
 
 
 def main() -> None:

@@ -19,11 +19,15 @@ from mailbridge.web import (
     documents,
     library,
     link_actions,
+    link_requests,
     links,
+    send_back,
     staff_auth,
     staff_clinic,
     staff_passkeys,
+    staff_requests,
     staff_sent,
+    staff_sent_back,
 )
 from mailbridge.web.access import current_account
 from mailbridge.web.sessions import DatabaseSessionInterface
@@ -66,7 +70,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
                       in_memory_fallback_enabled=shared)
     app.extensions["mailbridge_limiter"] = limiter
     for module in (links, link_actions, accounts, library, documents, staff_auth,
-                   staff_passkeys, staff_sent, staff_clinic):
+                   staff_passkeys, staff_sent, staff_clinic, link_requests, staff_requests,
+                   send_back, staff_sent_back):
         module.register(app, limiter)
 
     @app.context_processor
