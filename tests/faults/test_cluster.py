@@ -1,8 +1,9 @@
-"""Two `serve` nodes on one PostgreSQL database, each with worker processes: messages spread
-over both SMTP ports, one node killed (`kill -9`, its worker processes with it) halfway. Every
-acknowledged message becomes exactly one share and every recipient gets exactly one link
-e-mail — except the documented at-least-once case: an e-mail the relay accepted from the dead
-node before it could record that is sent again (same Message-ID), and counted.
+"""Two `serve` nodes on one PostgreSQL database (and its blob store), each with worker
+processes and a data directory of its own: messages spread over both SMTP ports, one node
+killed (`kill -9`, its worker processes with it) halfway. Every acknowledged message becomes
+exactly one share and every recipient gets exactly one link e-mail — except the documented
+at-least-once case: an e-mail the relay accepted from the dead node before it could record
+that is sent again (same Message-ID), and counted.
 
 `MAILBRIDGE_CLUSTER_MESSAGES` sets the number of messages (the issue's figure is 2,000)."""
 
@@ -32,10 +33,10 @@ pytestmark = pytest.mark.slow
 MESSAGES = int(os.environ.get("MAILBRIDGE_CLUSTER_MESSAGES", "200"))
 PROCESSES = 2  # worker processes per node
 LEASE_SECONDS = 3
-# Where both nodes keep documents and the spool: for now local storage on one directory both
-# nodes share (as a network file system would be). With the database blob store this line
-# becomes {"storage": {"backend": "database"}}.
-STORAGE: dict[str, dict[str, object]] = {}
+# Where both nodes keep documents and the spool: the database blob store, so the nodes share
+# nothing but PostgreSQL (each has a data directory of its own). Local storage on one shared
+# directory instead (a network file system): "local".
+STORAGE = "database"
 
 
 class FailoverSender:
@@ -91,22 +92,27 @@ class FailoverSender:
                 pass
 
 
-def node_config(node_id: str, data_dir: str | None = None) -> dict[str, dict[str, object]]:
+def node_config(site: Site, node_id: str, first: Site | None = None):
+    """Node `node_id`'s settings; a second node uses the first node's master key, and its data
+    directory too when the storage is local."""
     service: dict[str, object] = {"node_id": node_id}
-    if data_dir:
-        service["data_dir"] = data_dir
-    return {"service": service,
+    if first is not None:
+        service["master_key_file"] = str(first.data_dir / "master.key")
+        service["data_dir"] = str(first.data_dir if STORAGE == "local" else site.data_dir)
+    return {"service": service, "storage": {"backend": STORAGE},
+            # One member sends everything here: no hourly budget.
+            "smtp": {"port": site.smtp_port, "max_messages_per_hour_per_sender": 0,
+                     "max_bytes_per_hour_per_sender": 0},
             "worker": {"poll_seconds": 0.5, "retry_base_seconds": 1, "retry_max_seconds": 5,
-                       "lease_seconds": LEASE_SECONDS, "processes": PROCESSES},
-            **STORAGE}
+                       "lease_seconds": LEASE_SECONDS, "processes": PROCESSES}}
 
 
 def test_two_nodes_one_killed_halfway_lose_nothing_and_do_nothing_twice(site, tmp_path):
-    site.write_config(**node_config("node-a"))
+    site.write_config(**node_config(site, "node-a"))
     other = Site(tmp_path / "b", site.db, site.sink)
     other.processes = site.processes  # killed with the site's at the end
     other.root.mkdir()
-    other.write_config(**node_config("node-b", str(site.data_dir)))
+    other.write_config(**node_config(other, "node-b", first=site))
     a, b = site.serve(), other.serve()
     sender = FailoverSender([site.smtp_port, other.smtp_port])
     started = time.monotonic()
@@ -122,7 +128,8 @@ def test_two_nodes_one_killed_halfway_lose_nothing_and_do_nothing_twice(site, tm
     done = time.monotonic()
     result = tally(site, f"two nodes, {MESSAGES} messages, one node killed halfway",
                    sender.acknowledged, done - killed,
-                   note=f"{PROCESSES} worker processes per node, lease {LEASE_SECONDS} s; "
+                   note=f"{PROCESSES} worker processes per node, lease {LEASE_SECONDS} s, "
+                        f"{STORAGE} storage; "
                         f"acknowledged by port {sorted(sender.by_port.values())}, "
                         f"{sender.failovers} failover(s); {done - started:.0f} s in all; "
                         "recovery = kill to the last link e-mail")
