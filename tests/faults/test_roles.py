@@ -7,13 +7,23 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from mailbridge.store.models import InboundMessage
-from tests.faults.harness import Sender, delivered, settled, tally, wait_until
+from tests.conftest import ROOT
+from tests.faults.harness import (
+    Sender,
+    delivered,
+    environment,
+    settled,
+    tally,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +90,22 @@ def test_intake_without_workers_then_workers_alone_and_a_dead_worker_process_rep
     result.report()
     assert (result.lost, result.duplicated_shares, result.undelivered) == (0, 0, 0)
     assert result.duplicate_sends == 0 and result.resent_with_new_message_id == 0
+
+
+def test_worker_processes_die_with_their_parent(site):
+    """`kill -9` of the parent alone: its worker processes go too (as on a machine going
+    down), so none goes on sending what the restarted node resumes."""
+    site.write_config(worker={"poll_seconds": 0.5, "processes": 2})
+    node = site.serve()
+    children = worker_pids(node)
+    node.kill()
+    wait_until(lambda: not [pid for pid in children if alive(pid)],
+               "the worker processes to end with their parent", 10)
+
+
+def test_serve_with_every_role_left_out_says_so(site):
+    done = subprocess.run([sys.executable, "-m", "mailbridge", "--config", str(site.config),
+                           "serve", "--no-smtp", "--no-worker", "--no-web", "--no-scheduler"],
+                          cwd=ROOT, env=environment(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "nothing to run" in done.stderr
