@@ -55,7 +55,9 @@ def test_slow_sends_are_kept_by_a_heartbeat_and_a_dead_nodes_are_taken_over(site
     lease = 3
     site.write_config(service={"node_id": "node-a"},
                       worker={"poll_seconds": 0.5, "lease_seconds": lease})
-    other = Site(tmp_path / "b", site.db, site.sink)
+    # One list of processes: the site's teardown kills node b's too (a failing or finished
+    # test used to leave node b's second `serve` running).
+    other = Site(tmp_path / "b", site.db, site.sink, processes=site.processes)
     other.root.mkdir()
     other.write_config(service={"node_id": "node-b", "data_dir": str(site.data_dir)},
                        worker={"poll_seconds": 0.5, "lease_seconds": lease})
