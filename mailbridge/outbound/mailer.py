@@ -78,7 +78,8 @@ def relay_tls_context(relay: RelaySettings) -> ssl.SSLContext | None:
 class SmtpMailer:
     """Sends through the configured relay. The connection is kept for the next message (a
     batch of sends shares one), probed with RSET before it is used again and replaced when
-    that fails; any error while sending closes it. `close` ends it (QUIT)."""
+    that fails; any error while sending closes it. `close` ends it (QUIT). One mailer per
+    sending thread: the connection is not shared."""
 
     def __init__(self, relay: RelaySettings, *, password: str = "",
                  helo_name: str | None = None) -> None:
