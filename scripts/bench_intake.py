@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Measure mailbridge intake end to end against a bare SMTP sink, and peak memory for one
-large attachment. Prints a small table; run as `.venv/bin/python scripts/bench_intake.py`."""
+large attachment. Prints a small table; run as `.venv/bin/python scripts/bench_intake.py`.
+
+`--rate R` sends at a steady R messages a second instead of a burst and reports the p50/p99
+latency from each message's planned send time to its link e-mail at the relay; `--nodes 2
+--database postgresql://...` runs two `serve` processes on one PostgreSQL database (a
+throwaway database is created on that server) with the messages spread over both."""
 
 from __future__ import annotations
 
@@ -122,27 +127,39 @@ def share_message(recipients: list[str], pdf: bytes, subject: str) -> bytes:
 # --- sending -------------------------------------------------------------------------------
 
 
-def send_all(port: int, messages: list[bytes], connections: int,
-             timeout: float) -> tuple[list[float], list[float]]:
-    """Send over `connections` parallel SMTP sessions; returns each message's start and end of
-    its `sendmail` call (monotonic seconds)."""
+def send_all(ports: list[int], messages: list[bytes], connections: int, timeout: float,
+             rate: float = 0.0) -> tuple[list[float], list[float]]:
+    """Send over `connections` parallel SMTP sessions, spread over `ports`; returns each
+    message's start and end of its `sendmail` call (monotonic seconds). With a `rate`,
+    message i is sent at i/rate seconds after the start and its start is that planned time
+    (so a sender falling behind shows in the latency, as it would for a real client)."""
     starts = [0.0] * len(messages)
     ends = [0.0] * len(messages)
-    ready = threading.Barrier(connections)
+    ready = threading.Barrier(connections + 1)
+    origin = [0.0]
 
     def session(first: int) -> None:
+        port = ports[first % len(ports)]
         with smtplib.SMTP(HOST, port, local_hostname="bench.localhost", timeout=timeout) as smtp:
             ready.wait(timeout)
             for i in range(first, len(messages), connections):
-                starts[i] = time.monotonic()
+                planned = origin[0] + i / rate if rate else 0.0
+                if planned:
+                    time.sleep(max(0.0, planned - time.monotonic()))
+                starts[i] = planned or time.monotonic()
                 smtp.sendmail(MEMBER, [SHARING], messages[i])
                 ends[i] = time.monotonic()
 
     with ThreadPoolExecutor(max_workers=connections) as pool:
         futures = [pool.submit(session, k) for k in range(connections)]
+        try:
+            origin[0] = time.monotonic() + 0.05
+            ready.wait(timeout)
+        except threading.BrokenBarrierError:
+            pass  # a session could not connect: its future says why
         for future in futures:
             try:
-                future.result(timeout=timeout)
+                future.result(timeout=timeout + len(messages) / (rate or math.inf))
             except smtplib.SMTPResponseException as exc:
                 raise BenchError(f"a message was refused: {exc.smtp_code} "
                                  f"{exc.smtp_error.decode(errors='replace')}") from None
@@ -174,20 +191,25 @@ class Instance:
     config: Path
     smtp_port: int
     log: Path
+    node_id: str = "bench-node-1"
 
 
-def write_config(mb: Instance, data_dir: Path, relay_port: int) -> None:
+def write_config(mb: Instance, data_dir: Path, relay_port: int, database_url: str = "") -> None:
+    """Nodes of one set-up share `data_dir` (spool and documents) and the database."""
+    database = f'[database]\nurl = "{database_url}"\n\n' if database_url else ""
     mb.config.write_text(f"""\
-[service]
+{database}[service]
 base_url = "http://portal.example"
 data_dir = "{data_dir}"
 log_level = "WARNING"
+node_id = "{mb.node_id}"
 
 [smtp]
 host = "{HOST}"
 port = {mb.smtp_port}
-max_messages_per_hour_per_sender = 0  # the benchmark sends more than a person would
-max_bytes_per_hour_per_sender = 0
+# The benchmark sends more than a person would; the budgets are still checked, as in use.
+max_messages_per_hour_per_sender = 1000000
+max_bytes_per_hour_per_sender = 1000000000000
 
 [web]
 host = "{HOST}"
@@ -286,34 +308,51 @@ def proc_status_mb(pid: int, field: str) -> float:
     raise BenchError(f"/proc/{pid}/status has no {field} (Linux only)")
 
 
-# --- the three measurements ----------------------------------------------------------------
+# --- the measurements ----------------------------------------------------------------------
 
 
 def bench_bare(messages: list[bytes], connections: int, timeout: float) -> dict[str, float]:
     with Sink() as bare:
-        starts, ends = send_all(bare.port, messages, connections, timeout)
+        starts, ends = send_all([bare.port], messages, connections, timeout)
     return summary(len(messages), min(starts), max(ends),
                    [e - s for s, e in zip(starts, ends, strict=True)])
 
 
-def bench_mailbridge(mb: Instance, sink: Sink, messages: list[bytes],
-                     recipients: list[list[str]], connections: int, timeout: float,
+def bench_mailbridge(nodes: list[Instance], sink: Sink, messages: list[bytes],
+                     recipients: list[list[str]], args: argparse.Namespace,
                      processes: list[subprocess.Popen]
                      ) -> tuple[dict[str, float], dict[str, float]]:
     """Figures for the SMTP answer alone (250 = spooled and committed) and end to end."""
-    start_serve(mb, processes)
-    starts, ends = send_all(mb.smtp_port, messages, connections, timeout)
+    for mb in nodes:
+        start_serve(mb, processes)
+    warm_up(nodes, sink, args.timeout)
+    starts, ends = send_all([mb.smtp_port for mb in nodes], messages, args.connections,
+                            args.timeout, args.rate)
     try:
-        accepted = sink.wait_all({a for rs in recipients for a in rs}, timeout)
+        accepted = sink.wait_all({a for rs in recipients for a in rs}, args.timeout)
     except BenchError as exc:
-        raise BenchError(f"{exc}\n{log_tail(mb.log)}") from None
+        raise BenchError(f"{exc}\n{log_tail(nodes[0].log)}") from None
     done = [max(accepted[a] for a in rs) for rs in recipients]
-    stop_process(processes.pop())
+    for _ in nodes:
+        stop_process(processes.pop())
     accept = summary(len(messages), min(starts), max(ends),
                      [e - s for s, e in zip(starts, ends, strict=True)])
     end_to_end = summary(len(messages), min(starts), max(done),
                          [d - s for s, d in zip(starts, done, strict=True)])
     return accept, end_to_end
+
+
+def warm_up(nodes: list[Instance], sink: Sink, timeout: float) -> None:
+    """One message through each node, link e-mail and all, before anything is measured: the
+    worker processes are spawned after the SMTP port opens, and their start is not intake."""
+    for n, mb in enumerate(nodes):
+        address = f"dr.warmup{n}@ortho.example"
+        raw = share_message([address], pdf_bytes(f"warm-up {n}", SMALL_PDF_BYTES), "Warm-up")
+        send_all([mb.smtp_port], [raw], 1, timeout)
+        try:
+            sink.wait_all({address}, timeout)
+        except BenchError as exc:
+            raise BenchError(f"{exc}\n{log_tail(mb.log)}") from None
 
 
 def bench_memory(mb: Instance, sink: Sink, timeout: float,
@@ -323,7 +362,7 @@ def bench_memory(mb: Instance, sink: Sink, timeout: float,
     before = proc_status_mb(pid, "VmRSS")
     address = "dr.large@ortho.example"
     raw = share_message([address], pdf_bytes("large", LARGE_PDF_BYTES), "Large scan")
-    send_all(mb.smtp_port, [raw], 1, timeout)
+    send_all([mb.smtp_port], [raw], 1, timeout)
     try:
         sink.wait_all({address}, timeout)
     except BenchError as exc:
@@ -333,29 +372,82 @@ def bench_memory(mb: Instance, sink: Sink, timeout: float,
     return {"before": before, "peak": peak, "growth": peak - before}
 
 
+class Database:
+    """A throwaway PostgreSQL database on the server `--database` names (dropped at the
+    end), or "" for SQLite in the benchmark's directory."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.url = ""
+        if server_url:
+            name = f"mailbridge_bench_{os.getpid()}_{int(time.time())}"
+            self._admin(f"CREATE DATABASE {name}")
+            self.url = server_url.rsplit("/", 1)[0] + "/" + name
+
+    def _admin(self, sql: str) -> None:
+        import psycopg2
+
+        try:
+            conn = psycopg2.connect(self.server_url)
+        except psycopg2.Error as exc:
+            raise BenchError(f"--database: cannot connect ({exc})".strip()) from None
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def drop(self) -> None:
+        if self.url:
+            self._admin(f"DROP DATABASE IF EXISTS {self.url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+
 # --- report --------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, bare: dict[str, float], accept: dict[str, float],
-           mb: dict[str, float], mem: dict[str, float]) -> None:
-    print(f"mailbridge intake benchmark: {args.messages} messages, one ~"
-          f"{SMALL_PDF_BYTES // 1024} KB PDF each, {args.recipients} recipient(s), "
-          f"{args.connections} SMTP connection(s)")
-    print(f"machine: {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
-          f"{platform.system()} {platform.machine()}")
-    print()
+def setup_line(args: argparse.Namespace) -> str:
+    where = "PostgreSQL" if args.database else "SQLite"
+    pace = f"at a steady {args.rate:g} msg/s" if args.rate else "as one burst"
+    return (f"mailbridge intake benchmark: {args.messages} messages {pace}, one ~"
+            f"{SMALL_PDF_BYTES // 1024} KB PDF each, {args.recipients} recipient(s), "
+            f"{args.connections} SMTP connection(s), {args.nodes} node(s) on {where}\n"
+            f"machine: {os.cpu_count()} CPU(s), load average {args.load:.2f} (1 min) at the "
+            f"start, Python {platform.python_version()}, {platform.system()} "
+            f"{platform.machine()}\n")
+
+
+def table(rows: list[tuple[str, dict[str, float]]]) -> None:
     print(f"{'':34}{'msgs/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
-    for name, row in (("bare aiosmtpd sink (sendmail)", bare),
-                      ("mailbridge intake (sendmail)", accept),
-                      ("mailbridge (send -> link at sink)", mb)):
+    for name, row in rows:
         print(f"{name:34}{row['rate']:10.1f}{row['p50']:10.1f}{row['p99']:10.1f}")
     print()
+
+
+def report(args: argparse.Namespace, bare: dict[str, float], accept: dict[str, float],
+           mb: dict[str, float], mem: dict[str, float] | None) -> None:
+    print(setup_line(args))
+    table([("bare aiosmtpd sink (sendmail)", bare), ("mailbridge intake (sendmail)", accept),
+           ("mailbridge (send -> link at sink)", mb)])
     print(f"intake/bare-sink ratio (end to end): throughput {mb['rate'] / bare['rate']:.3f}, "
           f"p50 latency {mb['p50'] / bare['p50']:.1f}x")
-    print()
-    print(f"one {LARGE_PDF_BYTES // (1024 * 1024)} MiB PDF through a fresh `serve`: "
-          f"RSS after start {mem['before']:.1f} MB, peak {mem['peak']:.1f} MB, "
-          f"difference {mem['growth']:+.1f} MB")
+    print(f"burst of {args.messages}, send -> link at the relay: p50 {mb['p50']:.0f} ms, "
+          f"p99 {mb['p99']:.0f} ms")
+    if mem:
+        print()
+        print(f"one {LARGE_PDF_BYTES // (1024 * 1024)} MiB PDF through a fresh `serve`: "
+              f"RSS after start {mem['before']:.1f} MB, peak {mem['peak']:.1f} MB, "
+              f"difference {mem['growth']:+.1f} MB")
+
+
+def report_rate(args: argparse.Namespace, accept: dict[str, float],
+                mb: dict[str, float]) -> None:
+    print(setup_line(args))
+    table([("mailbridge intake (sendmail)", accept),
+           ("mailbridge (send -> link at sink)", mb)])
+    print(f"steady {args.rate:g} msg/s (achieved end to end {mb['rate']:.1f} msg/s), "
+          f"send -> link at the relay: p50 {mb['p50']:.0f} ms, p99 {mb['p99']:.0f} ms "
+          f"(goal: p99 < 500 ms at half the maximum steady rate)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -365,10 +457,24 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--recipients", type=int, default=1, help="per message (1-20)")
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="seconds each phase may take before the run is failed")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="messages a second, sent steadily (default: one burst)")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="`serve` processes sharing the database and data directory (1-4)")
+    ap.add_argument("--database", default="", metavar="postgresql://USER@HOST:PORT/DB",
+                    help="PostgreSQL server to create a throwaway database on (default: "
+                         "SQLite); needed for --nodes above 1")
     args = ap.parse_args()
     if args.messages < 1 or args.connections < 1 or not 1 <= args.recipients <= 20:
         ap.error("--messages and --connections must be at least 1, --recipients 1 to 20")
+    if args.rate < 0 or not 1 <= args.nodes <= 4:
+        ap.error("--rate must not be negative, --nodes must be 1 to 4")
+    if args.database and not args.database.startswith(("postgresql://", "postgres://")):
+        ap.error("--database must be a postgresql:// URL")
+    if args.nodes > 1 and not args.database:
+        ap.error("--nodes above 1 needs --database (SQLite is one machine's file)")
     args.connections = min(args.connections, args.messages)
+    args.load = os.getloadavg()[0]  # others' work on the machine slows every figure
     return args
 
 
@@ -376,15 +482,28 @@ def run(args: argparse.Namespace, workdir: Path, processes: list[subprocess.Pope
     recipients = [recipients_for(i, args.recipients) for i in range(args.messages)]
     messages = [share_message(rs, pdf_bytes(f"bench {i}", SMALL_PDF_BYTES), f"Bench {i}")
                 for i, rs in enumerate(recipients)]
-    bare = bench_bare(messages, args.connections, args.timeout)
-    with Sink() as sink:
-        mb = Instance(workdir / "config.toml", free_port(), workdir / "serve.log")
-        write_config(mb, workdir / "data", sink.port)
-        set_up(mb.config)
-        accept, intake = bench_mailbridge(mb, sink, messages, recipients, args.connections,
-                                  args.timeout, processes)
-        mem = bench_memory(mb, sink, args.timeout, processes)
-    report(args, bare, accept, intake, mem)
+    bare = None if args.rate else bench_bare(messages, args.connections, args.timeout)
+    database = Database(args.database)
+    try:
+        with Sink() as sink:
+            nodes = [Instance(workdir / f"config-{n}.toml", free_port(),
+                              workdir / f"serve-{n}.log", f"bench-node-{n}")
+                     for n in range(1, args.nodes + 1)]
+            for mb in nodes:
+                write_config(mb, workdir / "data", sink.port, database.url)
+            set_up(nodes[0].config)
+            accept, intake = bench_mailbridge(nodes, sink, messages, recipients, args,
+                                              processes)
+            mem = (bench_memory(nodes[0], sink, args.timeout, processes)
+                   if bare and args.nodes == 1 else None)
+    finally:
+        for proc in processes:
+            stop_process(proc)
+        database.drop()
+    if bare is None:
+        report_rate(args, accept, intake)
+    else:
+        report(args, bare, accept, intake, mem)
 
 
 def run_benchmark(name: str, args: argparse.Namespace, run_in) -> int:

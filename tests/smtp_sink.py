@@ -24,6 +24,7 @@ class Received:
     raw: bytes
     message: EmailMessage
     at: float = 0.0  # time.monotonic() when it was accepted
+    peer: tuple = ()  # the client's (address, port): one per connection
 
 
 def free_port() -> int:
@@ -47,7 +48,8 @@ class _Handler:
         if self.sink.delay_seconds:  # a slow relay, without holding up other sessions
             await asyncio.sleep(self.sink.delay_seconds)
         return self.sink._accept(envelope.mail_from, list(envelope.rcpt_tos),
-                                 bytes(envelope.original_content or envelope.content))
+                                 bytes(envelope.original_content or envelope.content),
+                                 tuple(session.peer or ()))
 
 
 class SmtpSink:
@@ -56,7 +58,7 @@ class SmtpSink:
     refuse: recipients answered `550 5.1.1` at RCPT.
     tempfail_first: how many DATA commands are answered `451` before messages are accepted.
     tls: a server context; the sink then offers STARTTLS, or with `implicit` speaks TLS from
-    the start. `host`: the address to listen on.
+    the start. `host` and `port` (else a free one): where to listen.
     delay_seconds: how long each DATA takes before it is answered (a slow relay).
     on_message: called with each accepted message before the 250 is sent (to inject faults
     at the moment a relay has a message).
@@ -64,9 +66,9 @@ class SmtpSink:
 
     def __init__(self, *, refuse: Iterable[str] = (), tempfail_first: int = 0,
                  tls: ssl.SSLContext | None = None, implicit: bool = False,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
-        self.port = free_port()
+        self.port = port or free_port()
         self.refuse = {a.lower() for a in refuse}
         self.tempfail_left = tempfail_first
         self.attempts = 0  # DATA commands seen, accepted or not
@@ -109,14 +111,19 @@ class SmtpSink:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes) -> str:
+    @property
+    def connections(self) -> int:
+        """How many client connections the accepted messages came over."""
+        return len({m.peer for m in self.messages})
+
+    def _accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes, peer: tuple = ()) -> str:
         with self._cond:
             self.attempts += 1
             if self.tempfail_left > 0:
                 self.tempfail_left -= 1
                 return "451 4.3.0 Temporary failure, try again later"
             message = BytesParser(policy=policy.default).parsebytes(raw)
-            received = Received(mail_from, rcpt_tos, raw, message, time.monotonic())
+            received = Received(mail_from, rcpt_tos, raw, message, time.monotonic(), peer)
             self._received.append(received)
             self._cond.notify_all()
         if self.on_message is not None:

@@ -50,14 +50,28 @@ def dispatch_due(runtime: Runtime, mailer: Mailer, *, limit: int = BATCH,
                  stop: threading.Event | None = None,
                  out: Callable[[str], None] = print, node: str = "",
                  owed: Owed | None = None,
-                 on_failure: OnFailure | None = None) -> dict[str, int]:
+                 on_failure: OnFailure | None = None,
+                 keep_connection: bool = False) -> dict[str, int]:
     """Send the rows that are due; returns how many were sent, retried and failed.
+
+    The batch goes over one relay connection (the mailer reconnects after an error); it is
+    closed at the end unless `keep_connection` (the dispatcher thread, with more to send).
 
     `out` shows a local operator the links written by the Maildir transport. When `stop` is
     set, the rows not yet sent are handed back to the queue. The batch's leases are renewed
     while it is in hand. A database error ends the batch (and propagates): the rows not sent
     are handed back, and what could not be written then is added to `owed`.
     """
+    try:
+        return _dispatch(runtime, mailer, limit, stop, out, node, owed, on_failure)
+    finally:
+        if not keep_connection:
+            mailer.close()
+
+
+def _dispatch(runtime: Runtime, mailer: Mailer, limit: int, stop: threading.Event | None,
+              out: Callable[[str], None], node: str, owed: Owed | None,
+              on_failure: OnFailure | None) -> dict[str, int]:
     counts = {"sent": 0, "retried": 0, "failed": 0}
     rows = outbox.claim_due(runtime, limit, node=node)
     if not rows:
@@ -241,9 +255,10 @@ class Dispatcher:
                 # Cleared before the round: a wake-up during the round triggers the next one.
                 wake.clear()
                 busy = self._round()
-                if not busy:
-                    wake.wait(self.poll_seconds)
+                if not busy and not wake.wait(self.poll_seconds):
+                    self.mailer.close()  # idle for a whole poll: no relay connection held
         finally:
+            self.mailer.close()
             self.runtime.db.close()
 
     def _round(self) -> bool:
@@ -251,7 +266,8 @@ class Dispatcher:
         try:
             settle_owed(self._owed)
             counts = dispatch_due(self.runtime, self.mailer, stop=self._stop, out=self.out,
-                                  node=self.node, owed=self._owed, on_failure=self.on_failure)
+                                  node=self.node, owed=self._owed, on_failure=self.on_failure,
+                                  keep_connection=True)
         except UNAVAILABLE as exc:
             self.outage.failed(cause_of(exc))
             return False

@@ -76,7 +76,10 @@ def relay_tls_context(relay: RelaySettings) -> ssl.SSLContext | None:
 
 
 class SmtpMailer:
-    """Sends through the configured relay, one connection per message."""
+    """Sends through the configured relay. The connection is kept for the next message (a
+    batch of sends shares one), probed with RSET before it is used again and replaced when
+    that fails; any error while sending closes it. `close` ends it (QUIT). One mailer per
+    sending thread: the connection is not shared."""
 
     def __init__(self, relay: RelaySettings, *, password: str = "",
                  helo_name: str | None = None) -> None:
@@ -85,6 +88,7 @@ class SmtpMailer:
         # Without a name smtplib asks DNS for this host's FQDN, which can stall for seconds.
         self.helo_name = helo_name
         self.tls_context = relay_tls_context(relay)
+        self._smtp: smtplib.SMTP | None = None
 
     def send(self, envelope_from: str, to_addr: str, raw: bytes,
              on_accepted: Accepted = None, *, carries_phi: bool = True) -> None:
@@ -95,41 +99,81 @@ class SmtpMailer:
                            [:MAX_REASON_CHARS])
         options = [] if envelope_from.isascii() and to_addr.isascii() else ["SMTPUTF8"]
         try:
-            with self._connect() as smtp:
-                if relay.tls_mode == "starttls":
-                    smtp.ehlo_or_helo_if_needed()
-                    if not smtp.has_extn("starttls"):
-                        raise TransientFailure("the relay does not offer STARTTLS, and "
-                                               "[outbound.smtp] tls = \"starttls\" forbids "
-                                               "sending in clear")
-                    smtp.starttls(context=self.tls_context)
-                if relay.username:
-                    smtp.login(relay.username, self._password)
+            smtp = self._session()
+            if options and not smtp.has_extn("smtputf8"):
+                raise PermanentFailure("the relay cannot send to international "
+                                       "(SMTPUTF8) addresses")
+            smtp.sendmail(envelope_from, [to_addr], raw, mail_options=options)
+        except BaseException as exc:
+            # A connection in an unknown state is never used again. Refusals of this one
+            # message leave it usable, but a new connection costs little beside a lost one.
+            self.close()
+            raise self._failure(exc) from None
+        if on_accepted is not None:  # before QUIT: a crash there must not resend
+            on_accepted()
+
+    def close(self) -> None:
+        """End the kept connection (QUIT), if there is one; errors are of no consequence."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+    def _session(self) -> smtplib.SMTP:
+        """The kept connection if the relay still answers RSET, else a new one, ready for
+        MAIL FROM (TLS and login done)."""
+        if self._smtp is not None:
+            try:
+                if self._smtp.rset()[0] == 250:
+                    return self._smtp
+            except (smtplib.SMTPException, OSError):
+                pass  # idle too long, or the relay restarted: connect again
+            self.close()
+        relay = self.relay
+        smtp = self._connect()
+        try:
+            if relay.tls_mode == "starttls":
                 smtp.ehlo_or_helo_if_needed()
-                if options and not smtp.has_extn("smtputf8"):
-                    raise PermanentFailure("the relay cannot send to international "
-                                           "(SMTPUTF8) addresses")
-                smtp.sendmail(envelope_from, [to_addr], raw, mail_options=options)
-                if on_accepted is not None:  # before QUIT: a crash there must not resend
-                    on_accepted()
-        except smtplib.SMTPRecipientsRefused as exc:
+                if not smtp.has_extn("starttls"):
+                    raise TransientFailure("the relay does not offer STARTTLS, and "
+                                           "[outbound.smtp] tls = \"starttls\" forbids "
+                                           "sending in clear")
+                smtp.starttls(context=self.tls_context)
+            if relay.username:
+                smtp.login(relay.username, self._password)
+            smtp.ehlo_or_helo_if_needed()
+        except BaseException:
+            smtp.close()
+            raise
+        self._smtp = smtp
+        return smtp
+
+    @staticmethod
+    def _failure(exc: BaseException) -> BaseException:
+        """What a failed send means for the message: permanent, transient, or not ours."""
+        if isinstance(exc, DeliveryError) or not isinstance(exc, Exception):
+            return exc
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
             code, text = next(iter(exc.recipients.values()))
-            raise _by_code(code, text, "recipient refused") from None
-        except smtplib.SMTPDataError as exc:
-            raise _by_code(exc.smtp_code, exc.smtp_error, "message refused") from None
-        except ssl.SSLCertVerificationError as exc:
-            raise TransientFailure(f"the relay's TLS certificate is not trusted "
-                                   f"({exc.verify_message}); see [outbound.smtp] ca_file"
-                                   [:MAX_REASON_CHARS]) from None
-        except smtplib.SMTPNotSupportedError as exc:
-            raise TransientFailure(f"relay lacks a needed extension ({exc})") from None
-        except smtplib.SMTPResponseException as exc:
+            return _by_code(code, text, "recipient refused")
+        if isinstance(exc, smtplib.SMTPDataError):
+            return _by_code(exc.smtp_code, exc.smtp_error, "message refused")
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return TransientFailure(f"the relay's TLS certificate is not trusted "
+                                    f"({exc.verify_message}); see [outbound.smtp] ca_file"
+                                    [:MAX_REASON_CHARS])
+        if isinstance(exc, smtplib.SMTPNotSupportedError):
+            return TransientFailure(f"relay lacks a needed extension ({exc})")
+        if isinstance(exc, smtplib.SMTPResponseException):
             # MAIL FROM or login refused: our configuration, not this message; retry.
-            raise TransientFailure(_reason(exc.smtp_code, exc.smtp_error,
-                                           "relay refused")) from None
-        except (smtplib.SMTPException, OSError) as exc:
-            raise TransientFailure(f"relay unreachable ({type(exc).__name__}: "
-                                   f"{exc})"[:MAX_REASON_CHARS]) from None
+            return TransientFailure(_reason(exc.smtp_code, exc.smtp_error, "relay refused"))
+        if isinstance(exc, (smtplib.SMTPException, OSError)):
+            return TransientFailure(f"relay unreachable ({type(exc).__name__}: "
+                                    f"{exc})"[:MAX_REASON_CHARS])
+        return exc
 
     def _connect(self) -> smtplib.SMTP:
         relay = self.relay
@@ -158,6 +202,9 @@ class MaildirMailer:
                 from None
         if on_accepted is not None:
             on_accepted()
+
+    def close(self) -> None:
+        """Nothing is kept open."""
 
     @staticmethod
     def subject(raw: bytes) -> str:

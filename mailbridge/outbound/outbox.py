@@ -25,22 +25,40 @@ QUEUE = queue.Queue(OutboundMessage, waiting=Outbound.QUEUED, working=Outbound.S
 _VERP_LOCAL = re.compile(r"bounce\+(\d{1,18})\.([0-9a-f]{10})")
 
 
-def enqueue(runtime: Runtime, msg: EmailMessage, *, kind: str, to_addr: str,
-            envelope_from: str | None = None, share: Share | int | None = None,
-            grant: Grant | int | None = None) -> OutboundMessage:
-    """Queue `msg` for sending. Runs inside the caller's transaction; after the commit the
-    caller calls `notify(runtime)` so the dispatcher sends it at once."""
+@dataclass(frozen=True)
+class Prepared:
+    """An e-mail rendered and sealed for one recipient, ready for `enqueue`: done before the
+    transaction, so the database's write lock is not held while the MIME is built."""
+
+    message_id: str
+    to_addr: str
+    sealed: bytes
+
+
+def prepare(runtime: Runtime, msg: EmailMessage, to_addr: str) -> Prepared:
     message_id = msg["Message-ID"]
     if not message_id:
         raise ValueError("an outbound message needs a Message-ID")
-    now = runtime.clock()
     # Always CRLF on the wire, whatever policy the message was built with.
     raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    return Prepared(str(message_id), to_addr,
+                    seal(runtime.outbox_key, raw, _aad(str(message_id), to_addr)))
+
+
+def enqueue(runtime: Runtime, msg: EmailMessage | Prepared, *, kind: str, to_addr: str,
+            envelope_from: str | None = None, share: Share | int | None = None,
+            grant: Grant | int | None = None) -> OutboundMessage:
+    """Queue `msg` (or what `prepare` made of it) for sending. Runs inside the caller's
+    transaction; after the commit the caller calls `notify(runtime)` so the dispatcher sends
+    it at once."""
+    ready = msg if isinstance(msg, Prepared) else prepare(runtime, msg, to_addr)
+    if ready.to_addr != to_addr:
+        raise ValueError("the message was sealed for another recipient")
+    now = runtime.clock()
     row = OutboundMessage.create(
         created_at=now, kind=kind, share=share, grant=grant, to_addr=to_addr,
         envelope_from=envelope_from or runtime.settings.outbound.from_,
-        message_id=str(message_id),
-        sealed=seal(runtime.outbox_key, raw, _aad(str(message_id), to_addr)),
+        message_id=ready.message_id, sealed=ready.sealed,
         state=Outbound.QUEUED, attempts=0, next_attempt_at=now)
     if kind in VERP_MAIL and envelope_from is None:
         # The id exists only after the insert; same transaction, so no one sees it without.

@@ -132,6 +132,7 @@ class IntakeHandler:
                                                 list(envelope.rcpt_tos), header)
         except Exception:  # noqa: BLE001 - no early decision; the full check follows
             return None
+        envelope.member_checked = member  # the same header: handle_DATA need not ask again
         return None if member else NOT_A_MEMBER
 
     def _sender_allowed(self, rcpt_tos: list[str], raw: bytes) -> bool:
@@ -155,18 +156,19 @@ class IntakeHandler:
                                 ssl_info=session.ssl)
         return await loop.run_in_executor(self.executor, self.accept, envelope.mail_from or "",
                                           list(envelope.rcpt_tos), envelope.original_content,
-                                          client, proto, trace)
+                                          client, proto, trace,
+                                          getattr(envelope, "member_checked", False))
 
     def protocol(self, session) -> str:
         return protocol(session)
 
     def accept(self, mail_from: str, rcpt_tos: list[str], raw: bytes, client: str = "",
-               proto: str = "SMTP", trace: bytes = b"") -> str:
-        """Runs in a worker thread: member check, then spool and commit (with `trace`, the
-        Received header, on top)."""
+               proto: str = "SMTP", trace: bytes = b"", member_checked: bool = False) -> str:
+        """Runs in a worker thread: member check (unless the header watch made it already),
+        then spool and commit (with `trace`, the Received header, on top)."""
         settings = self.runtime.settings
         try:
-            if not self._sender_allowed(rcpt_tos, raw):
+            if not member_checked and not self._sender_allowed(rcpt_tos, raw):
                 log.info("smtp: refused a message from a non-member")
                 return NOT_A_MEMBER
             exempt = senders.headers_trusted(self.channel, client, settings)

@@ -120,6 +120,7 @@ class GroupCommit:
             raise mine.error
 
     def _commit(self, group: list[_Waiting]) -> None:
+        log.debug("spool: committing %d message(s)", len(group))
         try:
             with self.runtime.db.atomic():
                 rows = [InboundMessage.create(state=Inbound.QUEUED, **w.values) for w in group]

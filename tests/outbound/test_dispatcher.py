@@ -120,6 +120,17 @@ def test_share_mail_reaches_the_relay(make_runtime):
     assert dispatch_due(runtime, make_mailer(runtime.settings)) == NOTHING
 
 
+def test_a_batch_of_sends_goes_over_one_relay_connection(make_runtime):
+    with SmtpSink() as sink:
+        runtime = make_runtime(sink.port)
+        recipients = [f"dr.{i}@ortho.example" for i in range(7)]
+        share_with_mail(runtime, recipients)
+        assert dispatch_due(runtime, make_mailer(runtime.settings)) == {**NOTHING, "sent": 8}
+        got = sink.wait_for(8)
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted([*recipients, SENDER])
+    assert sink.connections == 1
+
+
 def test_tempfail_is_retried_with_backoff_then_sent(make_runtime, clock):
     with SmtpSink(tempfail_first=2) as sink:
         runtime = make_runtime(sink.port)

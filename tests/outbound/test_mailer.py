@@ -96,6 +96,31 @@ def test_smtp_451_is_transient(settings):
         assert len(sink.wait_for(1)) == 1
 
 
+def test_smtp_sends_share_one_connection_and_reconnect_after_the_relay_restarts(settings):
+    sink = SmtpSink().start()
+    mailer = SmtpMailer(relay(sink.port), helo_name="portal.example")
+    for i in range(3):
+        mailer.send("mailbridge@portal.example", f"dr.{i}@ortho.example", link_bytes(settings))
+    assert len(sink.wait_for(3)) == 3 and sink.connections == 1
+    sink.stop()  # the kept connection dies with the relay
+    with SmtpSink(port=sink.port) as restarted:
+        mailer.send("mailbridge@portal.example", "dr.3@ortho.example", link_bytes(settings))
+        got, = restarted.wait_for(1)
+        assert got.rcpt_tos == ["dr.3@ortho.example"]
+        mailer.close()
+        mailer.send("mailbridge@portal.example", "dr.4@ortho.example", link_bytes(settings))
+        assert len(restarted.wait_for(2)) == 2 and restarted.connections == 2
+
+
+def test_smtp_connection_survives_a_refused_recipient(settings, sink):
+    mailer = SmtpMailer(relay(sink.port))
+    with pytest.raises(PermanentFailure):
+        mailer.send("mailbridge@portal.example", "nobody@ortho.example", link_bytes(settings))
+    mailer.send("mailbridge@portal.example", "dr.smith@ortho.example", link_bytes(settings))
+    got, = sink.wait_for(1)
+    assert got.rcpt_tos == ["dr.smith@ortho.example"]
+
+
 def test_smtp_relay_down_is_transient(settings):
     with pytest.raises(TransientFailure, match="relay unreachable"):
         SmtpMailer(relay(free_port())).send("mailbridge@portal.example",

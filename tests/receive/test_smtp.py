@@ -470,9 +470,9 @@ def lock_spool_table(settings):
     return release
 
 
-def send_concurrently(port, first, others, rt) -> list:
-    """Send `first`; once it waits for its commit, send `others` at once; each session's
-    SMTP code (250, or the refusal's)."""
+def send_concurrently(port, first, others, rt, caplog) -> list:
+    """Send `first`; once its commit is under way (and waits for the lock), send `others` at
+    once; returns the pool and each session's future SMTP code (250, or the refusal's)."""
     def one(raw):
         try:
             send(port, raw)
@@ -484,11 +484,10 @@ def send_concurrently(port, first, others, rt) -> list:
 
     pool = ThreadPoolExecutor(max_workers=1 + len(others))
     futures = [pool.submit(one, first)]
-    wait_for(lambda: len(spooled_files(rt)) >= 1)
-    time.sleep(0.3)  # its commit is under way (and waiting for the lock)
+    wait_for(lambda: any("committing" in r.getMessage() for r in caplog.records))
     futures += [pool.submit(one, raw) for raw in others]
     wait_for(lambda: len(spooled_files(rt)) >= 1 + len(others))
-    time.sleep(0.3)  # they wait for the commit in hand to end
+    time.sleep(0.5)  # their blobs are written: they join the rows waiting for the next commit
     return [pool, futures]
 
 
@@ -499,7 +498,7 @@ def test_concurrent_sessions_messages_are_committed_together(wide_intake, settin
     messages = [bytes(share_message(subject=f"Plan {i}")) for i in range(3)]
     release = lock_spool_table(settings)
     try:
-        pool, futures = send_concurrently(port, messages[0], messages[1:], rt)
+        pool, futures = send_concurrently(port, messages[0], messages[1:], rt, caplog)
         assert not any(f.done() for f in futures), "a 250 before the commit"
     finally:
         release()
@@ -524,10 +523,10 @@ def test_a_failing_group_commit_answers_451_to_each_message(wide_intake, setting
     postgres = settings.database.url.startswith("postgresql")
     name = settings.database.url.rsplit("/", 1)[1]
     if postgres:  # SQLite gives up on a lock after its busy timeout; PostgreSQL is told to
-        rt.db.execute_sql(f"ALTER DATABASE {name} SET lock_timeout = '1s'")
+        rt.db.execute_sql(f"ALTER DATABASE {name} SET lock_timeout = '3s'")
     release = lock_spool_table(settings)
     try:
-        pool, futures = send_concurrently(port, messages[0], messages[1:], rt)
+        pool, futures = send_concurrently(port, messages[0], messages[1:], rt, caplog)
         codes = [f.result(timeout=60) for f in futures]
     finally:
         release()
