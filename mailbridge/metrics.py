@@ -3,8 +3,10 @@ never the public portal).
 
 One `Metrics` per runtime, with a `CollectorRegistry` of its own: nothing here is global, so
 two services in one process (tests) never mix their counts. Counters and histograms live in
-the process that does the work (intake, worker, dispatcher, jobs, portal); the spool and
-outbox gauges are read from the database at scrape time, so they are the same on every node.
+the process that does the work (intake, worker, dispatcher, jobs, portal); worker processes
+send snapshots of theirs to the parent (`WorkerSamples`), which adds them in at scrape time.
+The spool and outbox gauges are read from the database at scrape time, so they are the same on
+every node.
 
 Every label value comes from a fixed set (channels, refusal reasons, mail kinds, job names,
 Flask endpoint names, HTTP status codes): never an address, a token, a file name or anything
@@ -15,6 +17,7 @@ number of series grow. A value outside its set is counted as "other".
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 
 import peewee
@@ -62,8 +65,11 @@ class Metrics:
     """The service's counters and histograms, and the queue gauges read at scrape time."""
 
     def __init__(self, db: peewee.Database, clock: Clock) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        # This process's own counters and histograms; `registry` (what /metrics shows) adds
+        # those of its worker processes to them, and the queue gauges.
+        self.own = CollectorRegistry(auto_describe=True)
+        self.workers = WorkerSamples()
+        r = self.own
         self.intake_accepted = Counter(
             "mailbridge_intake_accepted", "Messages accepted (spooled and committed) at intake.",
             ["channel"], registry=r)
@@ -105,7 +111,9 @@ class Metrics:
         for counter in self._deliveries.values():
             for kind in MAIL_KINDS:
                 counter.labels(kind)
-        r.register(QueueCollector(db, clock))
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(MergedCollector(self.own, self.workers))
+        self.registry.register(QueueCollector(db, clock))
 
     # --- what the parts call -------------------------------------------------------------
 
@@ -136,6 +144,10 @@ class Metrics:
         self.portal_requests.labels(route, code).inc()
         self.portal_duration.labels(route).observe(seconds)
 
+    def snapshot(self) -> Samples:
+        """This process's counter and histogram samples, for the parent of a worker process."""
+        return snapshot(self.own)
+
     def wsgi_app(self):
         """The exposition at `/metrics` (gzip when asked); anything else is 404."""
         exposition = make_wsgi_app(self.registry)
@@ -147,6 +159,78 @@ class Metrics:
             return exposition(environ, start_response)
 
         return app
+
+
+# {(family name, sample name, sorted labels): value}: what a worker process sends its parent.
+Samples = dict[tuple[str, str, tuple[tuple[str, str], ...]], float]
+
+
+def snapshot(registry: CollectorRegistry) -> Samples:
+    """The samples of `registry`'s counters and histograms, without `_created` (a time, not
+    an amount: it does not add up across processes)."""
+    return {(family.name, sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect() if family.type in ("counter", "histogram")
+            for sample in family.samples if not sample.name.endswith("_created")}
+
+
+class WorkerSamples:
+    """The latest snapshot of each running worker process, and the sum of the last snapshots
+    of those that ended (stopped, crashed, killed): a restarted process starts again at 0, and
+    the node's counters must not go back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[object, Samples] = {}
+        self._ended: Samples = {}
+
+    def update(self, source: object, samples: Samples) -> None:
+        """`source` names one run of one process (a restart is a new source)."""
+        with self._lock:
+            self._running[source] = dict(samples)
+
+    def ended(self, source: object) -> None:
+        with self._lock:
+            for key, value in self._running.pop(source, {}).items():
+                self._ended[key] = self._ended.get(key, 0.0) + value
+
+    def totals(self) -> Samples:
+        with self._lock:
+            found = dict(self._ended)
+            for samples in self._running.values():
+                for key, value in samples.items():
+                    found[key] = found.get(key, 0.0) + value
+        return found
+
+
+class MergedCollector(Collector):
+    """This process's counters and histograms with the worker processes' added in, sample by
+    sample. Only families this process has are shown, so a worker process cannot add one."""
+
+    def __init__(self, own: CollectorRegistry, workers: WorkerSamples) -> None:
+        self.own, self.workers = own, workers
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self.own.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from merge(self.own.collect(), self.workers.totals())
+
+
+def merge(families: Iterable[Metric], others: Samples) -> Iterator[Metric]:
+    """`families` with the values of `others` added to theirs; a series only `others` has is
+    added after the family's own (in the order it came)."""
+    extra: dict[str, list] = {}
+    for (family, name, labels), value in others.items():
+        extra.setdefault(family, []).append(((name, labels), value))
+    for family in families:
+        more = dict(extra.get(family.name, ()))
+        merged = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            merged.samples.append(sample._replace(value=sample.value + more.pop(key, 0.0)))
+        for (name, labels), value in more.items():
+            merged.add_sample(name, dict(labels), value)
+        yield merged
 
 
 class QueueCollector(Collector):

@@ -52,7 +52,8 @@ class Service:
                  smtp: bool = True, worker: bool = True, processes: int = 0,
                  role: str = "serve") -> None:
         self.node = node_name(runtime)
-        self.processes = (WorkerProcesses(runtime.settings, self.node, processes, role)
+        self.processes = (WorkerProcesses(runtime.settings, self.node, processes, role,
+                                          metrics=runtime.metrics.workers)
                           if worker and processes > 0 else None)
         if self.processes:  # intake and the portal wake workers in other processes
             runtime = dataclasses.replace(runtime, wake_worker=self.processes.wake_worker,

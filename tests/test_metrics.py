@@ -1,13 +1,16 @@
 """`/metrics` scraped over HTTP from the running service: the counters and the queue gauges move
 with what really happens (SMTP intake, shares, sends, jobs, portal requests), nothing in the
-scrape names a person or carries a token, the listener is on loopback by default, and a
-database outage makes the scrape say so instead of failing."""
+scrape names a person or carries a token, the listener is on loopback by default, a
+database outage makes the scrape say so instead of failing, and the counts of worker processes
+are in their parent's scrape (kept when one is killed and restarted)."""
 
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import secrets
+import signal
 import smtplib
 import socket
 import time
@@ -18,8 +21,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailbridge.config import ConfigError
+from mailbridge.metrics import Metrics
 from tests.conftest import make_settings, start_service
+from tests.faults.harness import Postgres, Sender, Site, delivered, settled, wait_until
 from tests.helpers import MEMBER, add_jane, share_message
+from tests.smtp_sink import SmtpSink
 
 LINK = re.compile(rb"http://portal\.example/s/([A-Za-z0-9_-]{43})")
 REFUSED_RECIPIENT = "bounced@ortho.example"
@@ -225,6 +231,118 @@ def test_metrics_can_be_turned_off(tmp_path, sink, keyring):
         assert running.service.metrics_server is None and running.service.metrics_port is None
     finally:
         assert running.service.stop(timeout=5)
+
+
+def test_worker_samples_add_up_and_a_restart_never_takes_counts_back(runtime):
+    parent = runtime.metrics
+    parent.accepted("smtp")
+    parent.delivered("code", "sent")  # the parent's own count of a kind workers also count
+    first, second = Metrics(runtime.db, runtime.clock), Metrics(runtime.db, runtime.clock)
+    for worker, shares in ((first, 2), (second, 3)):
+        for _ in range(shares):
+            worker.share_created()
+            worker.delivered("link", "sent")
+        worker.delivered("code", "sent")
+    first.delivered("link", "retried")
+    first.job_ran("expire", 0.2, failed=False)  # a series the parent does not have
+    parent.workers.update(("worker", 1), first.snapshot())
+    parent.workers.update(("worker", 2), second.snapshot())
+    sample = parent.registry.get_sample_value
+
+    assert sample("mailbridge_shares_created_total") == 5
+    assert sample("mailbridge_outbound_sent_total", {"kind": "link"}) == 5
+    assert sample("mailbridge_outbound_sent_total", {"kind": "code"}) == 3
+    assert sample("mailbridge_outbound_retries_total", {"kind": "link"}) == 1
+    assert sample("mailbridge_intake_accepted_total", {"channel": "smtp"}) == 1
+    assert sample("mailbridge_job_duration_seconds_count", {"job": "expire"}) == 1
+    assert sample("mailbridge_job_duration_seconds_bucket", {"job": "expire", "le": "0.5"}) == 1
+    assert sample("mailbridge_job_duration_seconds_bucket", {"job": "expire", "le": "0.1"}) == 0
+    # A time is not an amount: the parent's own `_created`, not a sum of three.
+    created = sample("mailbridge_shares_created_created")
+    assert created == parent.own.get_sample_value("mailbridge_shares_created_created")
+
+    # Worker 1 is killed after counting once more than it reported: its last report stays;
+    # the run that replaces it starts at 0 and adds to it.
+    first.share_created()
+    parent.workers.ended(("worker", 1))
+    assert sample("mailbridge_shares_created_total") == 5
+    restarted = Metrics(runtime.db, runtime.clock)
+    parent.workers.update(("worker", 3), restarted.snapshot())
+    assert sample("mailbridge_shares_created_total") == 5
+    restarted.share_created()
+    parent.workers.update(("worker", 3), restarted.snapshot())
+    assert sample("mailbridge_shares_created_total") == 6
+    parent.workers.ended(("worker", 3))
+    parent.workers.ended(("worker", 3))  # said twice: counted once
+    assert sample("mailbridge_shares_created_total") == 6
+
+    # The exposition stays one family per name, and Prometheus's parser reads it.
+    from prometheus_client import generate_latest
+
+    names = [family.name for family in
+             text_string_to_metric_families(generate_latest(parent.registry).decode())]
+    assert len(names) == len(set(names))
+    assert "mailbridge_shares_created" in names
+
+
+@pytest.fixture
+def site(tmp_path):
+    """`serve` on a PostgreSQL database of its own with two worker processes, a real relay."""
+    try:
+        db = Postgres()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
+        if os.environ.get("MAILBRIDGE_TEST_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    try:
+        with SmtpSink() as sink:
+            made = Site(tmp_path, db, sink)
+            made.write_config(worker={"processes": 2})
+            made.init()
+            try:
+                yield made
+            finally:
+                made.kill_all()
+    finally:
+        db.drop()
+
+
+def test_the_scrape_of_serve_counts_the_work_of_its_worker_processes(site):
+    node = site.serve()
+    port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", node.stdout)[1])
+    pids = [int(p) for p in re.search(r"worker process\(es\) \(pids ([\d ]+)\)",
+                                      node.stdout)[1].split()]
+    assert len(pids) == 2
+    seen: list[tuple[float, float, float]] = []
+
+    def counts() -> tuple[float, float, float]:
+        _, samples = scrape(port)
+        now = (value(samples, "mailbridge_shares_created_total"),
+               value(samples, "mailbridge_outbound_sent_total", kind="link"),
+               value(samples, "mailbridge_outbound_sent_total", kind="receipt"))
+        if seen:  # a counter never goes back, whatever happens to a worker process
+            assert all(a <= b for a, b in zip(seen[-1], now, strict=True)), (seen[-1], now)
+        seen.append(now)
+        return now
+
+    def counted(n: int) -> bool:
+        return counts() == (n, n, n)
+
+    assert counts() == (0, 0, 0)
+    Sender(site).send(range(3))
+    wait_until(lambda: delivered(site.sink, {0, 1, 2}) and settled(site), "3 links", 60)
+    wait_until(lambda: counted(3), "the worker processes' counts of 3 in the scrape", 10)
+    _, samples = scrape(port)
+    assert value(samples, "mailbridge_intake_accepted_total", channel="smtp") == 3
+
+    os.kill(pids[0], signal.SIGKILL)  # the parent restarts it
+    wait_until(lambda: "worker process 1 ended" in node.log, "the parent to see it", 10)
+    assert counts() == (3, 3, 3)
+    Sender(site).send(range(3, 6))
+    wait_until(lambda: delivered(site.sink, set(range(6))) and settled(site), "6 links", 60)
+    wait_until(lambda: counted(6), "the counts of 6, the killed process's 3 kept", 10)
+    status, _ = node.terminate()
+    assert status == 0
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Worker processes (`[worker] processes`): each a spawned Python process with its own runtime
 and database connections, running the spool worker and the outbox dispatcher, woken through a
-pipe; the parent restarts one that dies and stops them all within the stop timeout."""
+pipe; the parent restarts one that dies and stops them all within the stop timeout. Each sends
+its counters to the parent every second over a pipe of its own, for the parent's /metrics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 import time
 
 from mailbridge.logs import configure_logging
+from mailbridge.metrics import WorkerSamples
 from mailbridge.outbound import outbox
 from mailbridge.outbound.dispatcher import Dispatcher
 from mailbridge.outbound.mailer import make_mailer
@@ -31,6 +33,7 @@ RESTART_DELAY_SECONDS = 1.0
 RESTART_DELAY_MAX_SECONDS = 30.0
 PR_SET_PDEATHSIG = 1
 WAKE_WORKER, WAKE_DISPATCHER = b"w", b"d"
+METRICS_EVERY_SECONDS = 1.0
 
 
 def claim_id(node: str, role: str, index: int) -> str:
@@ -60,8 +63,11 @@ class WorkerProcesses:
     """`count` worker processes of one node, woken by intake and the portal in the parent
     through `wake_worker` and `wake_dispatcher`, stopped by SIGTERM."""
 
-    def __init__(self, settings: Settings, node: str, count: int, role: str = "serve") -> None:
+    def __init__(self, settings: Settings, node: str, count: int, role: str = "serve",
+                 metrics: WorkerSamples | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else WorkerSamples()
+        self._runs = 0  # each process started, for `metrics`: a restart is a new run
         self.ids = [claim_id(node, role, i + 1) for i in range(count)]
         self._writers: dict = {}  # process number: write end (Connection) of its wake pipe
         self._lock = threading.Lock()
@@ -89,10 +95,17 @@ class WorkerProcesses:
             if self._stopping.is_set():
                 return
             reader, writer = SPAWN.Pipe(duplex=False)
+            samples_in, samples_out = SPAWN.Pipe(duplex=False)
             proc = SPAWN.Process(target=run, name=f"mailbridge-worker-{i + 1}", daemon=False,
-                                 args=(self.settings, self.ids[i], reader, os.getpid()))
+                                 args=(self.settings, self.ids[i], reader, os.getpid(),
+                                       samples_out))
             proc.start()
-            reader.close()  # the child has its own copy now
+            reader.close()  # the child has its own copies now
+            samples_out.close()
+            self._runs += 1
+            threading.Thread(target=_collect_samples, args=(samples_in, self.metrics,
+                                                            (i, self._runs)),
+                             daemon=True, name=f"mailbridge-worker-{i + 1}-metrics").start()
             os.set_blocking(writer.fileno(), False)
             old = self._writers.pop(i, None)
             if old is not None:
@@ -148,7 +161,7 @@ class WorkerProcesses:
         return ended
 
 
-def run(settings: Settings, claimer: str, wakes, parent_pid: int) -> None:
+def run(settings: Settings, claimer: str, wakes, parent_pid: int, samples=None) -> None:
     """A worker process: the spool worker and the outbox dispatcher as threads, until SIGTERM
     (from the parent, or from systemd to every process of the service). If the parent dies,
     this process dies with it, as on a machine going down."""
@@ -169,6 +182,10 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int) -> None:
     # it is a graceful stop.
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))
+    stop_sending = threading.Event()
+    sender = threading.Thread(target=_send_samples, args=(samples, runtime, stop_sending),
+                              daemon=True, name="metrics-sender")
+    sender.start()
     worker.start()
     dispatcher.start()
     while True:
@@ -183,7 +200,38 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int) -> None:
     dispatcher.signal_stop()
     worker.stop(timeout)
     dispatcher.stop(max(0.0, deadline - time.monotonic()))
+    stop_sending.set()  # and it sends the final counts
+    sender.join(2)
     runtime.db.close()
+
+
+def _send_samples(samples, runtime, stop: threading.Event) -> None:
+    """Every second, and once more at the stop: this process's counters to the parent."""
+    if samples is None:
+        return
+    while True:
+        stopping = stop.wait(METRICS_EVERY_SECONDS)
+        try:
+            samples.send(runtime.metrics.snapshot())
+        except (OSError, ValueError):  # the parent is gone
+            return
+        if stopping:
+            samples.close()
+            return
+
+
+def _collect_samples(samples, metrics: WorkerSamples, source: object) -> None:
+    """The parent's side: keep the latest snapshot of one run of a worker process; when it
+    ends (its pipe closes, whatever killed it) its last counts are kept as ended."""
+    try:
+        while True:
+            try:
+                metrics.update(source, samples.recv())
+            except (EOFError, OSError):
+                return
+    finally:
+        metrics.ended(source)
+        samples.close()
 
 
 def _relay_wakes(wakes, runtime) -> None:
