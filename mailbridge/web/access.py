@@ -11,7 +11,6 @@ from flask import abort, current_app, redirect, request, session, url_for
 
 from mailbridge.runtime import Runtime
 from mailbridge.shares.lifecycle import effective_state
-from mailbridge.store import audit
 from mailbridge.store.models import Account, Document, Grant, Share
 from mailbridge.store.states import Audit, GrantState
 
@@ -40,10 +39,11 @@ def client() -> dict:
 
 
 def record(kind: str, **refs) -> None:
-    """An audit event for this request (IP and user agent included), in its own transaction
-    unless the caller has one open."""
-    with runtime().db.atomic():
-        audit.record(runtime().audit_key, kind, now(), **client(), **refs)
+    """An audit event for this request (IP and user agent included), committed when this
+    returns: in the caller's transaction if one is open, else with the events of requests
+    recording at the same moment (web/audit_batch.py)."""
+    event = dict(kind=kind, at=now(), **client(), **refs)
+    current_app.extensions["mailbridge_audit"].record(event)
 
 
 def require_account(view):
