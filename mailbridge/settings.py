@@ -3,6 +3,7 @@ config.toml, with the defaults (`config.load_settings` fills and validates them)
 
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ class ShareSettings:
     remind_before_hours: float = 4.0  # 0, or not less than claim_hours: no reminder
     max_extend_hours: float = 168.0  # cap for `extend [hours]`
     allow_clinic_admins: bool = False  # admins of the sender's clinic may manage by reply too
+    access_request_hours: float = 72.0  # an unanswered request for access lapses after this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +186,10 @@ class WorkerSettings:
     # Database or storage trouble: the message waits (attempts not counted), back-off capped here.
     retry_max_seconds: float = 300.0
     poll_seconds: float = 5.0
+    # Worker processes beside the SMTP listener, each running the spool worker and the outbox
+    # dispatcher with its own database connections; 0: both run as threads inside `serve`.
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    batch: int = 4  # spooled messages a worker takes at once (other workers take the next ones)
 
 
 @dataclass(frozen=True, kw_only=True)

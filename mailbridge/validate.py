@@ -91,6 +91,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("[shares] remind_before_hours: must be 0 (off) or more")
     if s.shares.max_extend_hours <= 0:
         raise ConfigError("[shares] max_extend_hours: must be more than 0")
+    if not 0 < s.shares.access_request_hours <= 24 * 30:
+        raise ConfigError("[shares] access_request_hours: must be more than 0 and at most 720")
     if s.retention.audit_retention_days < 0:
         raise ConfigError("[retention] audit_retention_days: must be 0 (kept for good) or more")
     for key in ("spool_days", "session_days", "code_days", "orphan_hours"):
@@ -121,6 +123,10 @@ def validate(s: Settings) -> None:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
     if s.worker.retry_max_seconds < s.worker.retry_base_seconds:
         raise ConfigError("[worker] retry_max_seconds: must be at least retry_base_seconds")
+    if not 0 <= s.worker.processes <= 256:
+        raise ConfigError("[worker] processes: must be from 0 (threads inside serve) to 256")
+    if not 1 <= s.worker.batch <= 100:
+        raise ConfigError("[worker] batch: must be from 1 to 100")
     _validate_smtp_tls(s.smtp)
     _validate_relay_tls(s.outbound.smtp)
     _validate_imap(s.imap)

@@ -45,6 +45,7 @@ def test_shipped_config_toml_loads_with_every_contract_key():
     assert (s.web.host, s.web.port) == ("127.0.0.1", 8080)
     assert (s.metrics.enabled, s.metrics.host, s.metrics.port) == (True, "127.0.0.1", 9464)
     assert s.shares.claim_hours == 24
+    assert s.shares.access_request_hours == 72
     assert s.senders.require_authentication is True
     assert s.senders.trusted_authserv_ids == ()
 
@@ -94,6 +95,9 @@ def test_settings_are_frozen(tmp_path):
     (MINIMAL, {"MAILBRIDGE_ADDRESSES_SHARING": "not-an-address"}, "[addresses] sharing"),
     (MINIMAL, {"MAILBRIDGE_DATABASE_URL": "mysql://x"}, "[database] url"),
     (MINIMAL, {"MAILBRIDGE_SHARES_CLAIM_HOURS": "0"}, "[shares] claim_hours"),
+    (MINIMAL, {"MAILBRIDGE_SHARES_ACCESS_REQUEST_HOURS": "0"}, "[shares] access_request_hours"),
+    (MINIMAL, {"MAILBRIDGE_SHARES_ACCESS_REQUEST_HOURS": "721"},
+     "[shares] access_request_hours"),
     (MINIMAL, {"MAILBRIDGE_SENDERS_REQUIRE_AUTHENTICATION": "maybe"},
      "[senders] require_authentication"),
     (MINIMAL + "\n[smtp]\nprot = 25\n", {}, "[smtp] prot"),

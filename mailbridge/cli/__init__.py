@@ -21,6 +21,7 @@ from mailbridge.cli import (
     shares,
     spool,
     storage,
+    worker,
 )
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.config import ConfigError
@@ -44,6 +45,7 @@ def cli(ctx: click.Context, config_path: str) -> None:
 cli.add_command(setup.init)
 cli.add_command(setup.db)
 cli.add_command(serve.serve)
+cli.add_command(worker.worker)
 cli.add_command(policy.policy)
 cli.add_command(audit.audit_group)
 cli.add_command(backup.backup_command)

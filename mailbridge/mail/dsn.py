@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from email.parser import HeaderParser
+from email.policy import compat32
+
+from mailbridge.mail.mime import header_text
 
 REPORT_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _BLANK_LINE = re.compile(r"\r?\n[ \t]*\r?\n")
@@ -56,8 +59,9 @@ def _blocks(part: Message) -> list[Message]:
     not the global (UTF-8) variant nor an encoded one: rebuild the text and split it here."""
     payload = part.get_payload()
     items = payload if isinstance(payload, list) else [payload]
-    text = "\n\n".join(i.as_string() if isinstance(i, Message) else str(i) for i in items)
-    encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    text = _utf8("\n\n".join(_as_received(i) if isinstance(i, Message) else str(i)
+                              for i in items))
+    encoding = header_text(part, "Content-Transfer-Encoding").strip().lower()
     try:
         if encoding == "base64":
             text = base64.b64decode("".join(text.split())).decode("utf-8", "replace")
@@ -68,6 +72,22 @@ def _blocks(part: Message) -> list[Message]:
         return []
     return [HeaderParser().parsestr(chunk.strip("\r\n") + "\n")
             for chunk in _BLANK_LINE.split(text) if chunk.strip()]
+
+
+def _as_received(block: Message) -> str:
+    # Written back byte for byte as compat32 does it: the modern policy would re-fold every
+    # long field, decoding its encoded-words on the way (a UTF-7 word makes a lone surrogate
+    # it then cannot encode); the fields are read as plain text here anyway.
+    return block.as_bytes(policy=compat32).decode("utf-8", "replace")
+
+
+def _utf8(text: str) -> str:
+    """Text with the parser's stand-ins for 8-bit bytes read back as UTF-8 and any other lone
+    surrogate replaced, so every value taken from it can be stored and mailed."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _exim_failures(message: EmailMessage) -> list[Failure]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email
 import email.errors
 import email.feedparser
@@ -74,8 +75,8 @@ def header_text(part: email.message.Message, name: str) -> str:
     if "\ufffd" in text or "=?" in text:
         raw = _raw_header(part, name)
         if raw is not None:
-            return _decode_words(raw)
-    return text
+            return storable(_decode_words(raw))
+    return storable(text)
 
 
 def _raw_header(part: email.message.Message, name: str) -> str | None:
@@ -111,6 +112,18 @@ def _decode_words(text: str) -> str:
         return text
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` with lone surrogates as U+FFFD. Decoders make them of broken input (UTF-7's
+    "+2AA-", 8-bit bytes kept by the parser): text handed on is stored and mailed as UTF-8,
+    which has no place for them. Every text mime hands out passes through here."""
+    if _LONE_SURROGATE.search(text) is None:
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def content_type(part: email.message.Message) -> str:
     try:
         return part.get_content_type()
@@ -133,7 +146,7 @@ def part_filename(part: email.message.Message) -> str:
         name = ""
     if not name.strip() or "\ufffd" in name or "=?" in name:
         name = _filename_from_raw(part) or name
-    return name if name.strip() else ""
+    return storable(name) if name.strip() else ""
 
 
 def _filename_from_raw(part: email.message.Message) -> str:
@@ -207,16 +220,44 @@ def _clean_base64(part: email.message.Message) -> bytes | None:
 def part_text(part: email.message.Message) -> str:
     """A text part's content as str, surviving wrong and unknown charsets."""
     data = payload(part) or b""
-    try:
-        charset = part.get_content_charset() or "us-ascii"
-    except Exception:  # noqa: BLE001
-        charset = "us-ascii"
-    for candidate in (charset, "utf-8"):
+    for candidate in (part_codec(part) or "ascii", "utf-8"):
         try:
-            return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
+            return storable(data.decode(candidate))
+        except UnicodeDecodeError:
             continue
     return data.decode("cp1252", "replace")
+
+
+def part_codec(part: email.message.Message) -> str | None:
+    """The codec of the part's declared charset; None if it declares none or none usable."""
+    try:
+        return codec_name(part.get_content_charset())
+    except Exception:  # noqa: BLE001 - a hostile Content-Type can trip the stdlib's parser
+        return None
+
+
+# Python knows these names, but they are no charset of mail: they turn escapes or IDNA into
+# text (making lone surrogates on the way) or refuse everything ("undefined").
+_NOT_MAIL_CODECS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode",
+                              "undefined"})
+# IANA charset names are short ASCII words; anything else (NUL, spaces, 8-bit) is no name.
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,63}")
+
+
+def codec_name(charset: str | None) -> str | None:
+    """The Python codec for a MIME charset name, or None when the name is unusable: unknown,
+    malformed, a bytes transform (base64, rot13) or one of _NOT_MAIL_CODECS. Decoding with
+    what this returns can fail only with UnicodeDecodeError."""
+    name = charset.strip() if isinstance(charset, str) else ""
+    if not _CHARSET_NAME.fullmatch(name):
+        return None
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_MAIL_CODECS:
+        return None
+    return info.name
 
 
 def children(part: email.message.Message) -> list[email.message.Message]:

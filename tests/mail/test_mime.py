@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import tracemalloc
 
+import pytest
+
 from mailbridge.mail import mime, request
-from tests.conftest import make_settings
+from tests.conftest import MAIL, make_settings
 from tests.helpers import share_message, wire
 
 
@@ -44,3 +46,54 @@ def test_a_large_attachment_is_not_copied_over_and_over(tmp_path):
     # The message as text (4/3 of the file) plus the decoded file, with room to spare —
     # the standard library's own path needed more than ten times the file.
     assert peak < 5 * size, f"peak {peak / size:.1f} times the attachment"
+
+
+def test_a_nul_inside_the_charset_name_still_gives_the_share(tmp_path):
+    # charset="utf\x008" made bytes.decode raise ValueError: the message was parked as failed
+    # and the member never heard why. An unusable charset name reads as UTF-8 instead.
+    raw = (MAIL / "charset_with_nul_byte.eml").read_bytes()
+    parsed = request.parse_share(mime.read_message(raw), ["share@portal.example"],
+                                 make_settings(tmp_path))
+    assert isinstance(parsed, request.ParsedShare), parsed
+    assert parsed.recipients == ["dr.smith@ortho.example"]
+    assert "café notes" in parsed.note_html
+    assert [a.filename for a in parsed.attachments] == ["plan.pdf"]
+
+
+@pytest.mark.parametrize("name, codec", [
+    ("UTF-8", "utf-8"), (" utf8 ", "utf-8"), ("ISO-8859-1", "iso8859-1"),
+    ("windows-1252", "cp1252"), ("Shift_JIS", "shift_jis"), ("us-ascii", "ascii"),
+    ("utf\x008", None), ("x-unknown", None), ("", None), ("utf-8\ud800", None),
+    # Names Python knows that are no charset of mail: transforms, escapes, IDNA, "undefined".
+    ("rot13", None), ("base64", None), ("hex", None), ("zip", None), ("unicode_escape", None),
+    ("raw-unicode-escape", None), ("idna", None), ("punycode", None), ("undefined", None),
+    ("x" * 200, None),
+])
+def test_a_charset_name_is_a_usable_codec_or_none(name, codec):
+    assert mime.codec_name(name) == codec
+
+
+def test_utf7_that_decodes_to_lone_surrogates_still_gives_text_that_can_be_stored(tmp_path):
+    # UTF-7 "+2AA-" decodes to a lone surrogate; sealing such a title, note or file name as
+    # UTF-8 raised and parked the message as failed. It now reads as U+FFFD.
+    pdf = b"JVBERi0xLjQKJSVFT0YK\n"
+    raw = (b"From: Jane <jane@riverside-pt.example>\nTo: share@portal.example\n"
+           b"Subject: =?utf-7?q?Plan_+2AA-?=\nMIME-Version: 1.0\n"
+           b"Content-Type: multipart/mixed; boundary=b\n\n"
+           b"--b\nContent-Type: text/plain; charset=utf-7\n\n"
+           b"To: dr.smith@ortho.example\n\nNotes +2AA- inside\n"
+           b"--b\nContent-Type: application/pdf\nContent-ID: <=?utf-7?q?+2AA-?=>\n"
+           b"Content-Disposition: attachment; filename*=utf-7''scan+2AA-.pdf\n"
+           b"Content-Transfer-Encoding: base64\n\n" + pdf + b"--b--\n")
+    msg = mime.read_message(raw)
+    body, document = msg.get_payload()
+    texts = [mime.header_text(msg, "Subject"), mime.part_text(body),
+             mime.part_filename(document), mime.header_text(document, "Content-ID")]
+    assert texts[:3] == ["Plan \ufffd", "To: dr.smith@ortho.example\n\nNotes \ufffd inside",
+                         "scan\ufffd.pdf"]
+    assert "\ufffd" in texts[3]
+    for text in texts:
+        text.encode("utf-8")
+    parsed = request.parse_share(msg, ["share@portal.example"], make_settings(tmp_path))
+    assert "Notes \ufffd inside" in parsed.note_html
+    parsed.note_html.encode("utf-8")
