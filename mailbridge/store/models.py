@@ -322,7 +322,7 @@ class Blob(BaseModel):
     blob_id = pw.CharField(max_length=32, primary_key=True)
     store = pw.CharField(max_length=16)  # "documents" or "spool"
     header = pw.BlobField()
-    created_at = pw.FloatField()  # wall-clock seconds, like a file's time (orphan sweep)
+    created_at = pw.DoubleField()  # wall-clock seconds, like a file's time (orphan sweep)
 
     class Meta:
         indexes = ((("store", "created_at"), False),)
