@@ -210,6 +210,23 @@ class ImapSettings:
     failed_folder: str = "mailbridge/failed"
     poll_seconds: float = 60.0  # when the server does not offer IDLE
     batch_size: int = 50
+    # OAuth 2.0 (SASL XOAUTH2) instead of a password: Microsoft 365 refuses password IMAP.
+    auth: str = "password"  # "password" or "xoauth2"
+    oauth_provider: str = ""  # "microsoft" (client credentials) or "google"
+    oauth_tenant: str = ""  # Microsoft: the directory (tenant) ID or a verified domain
+    # Microsoft: the app registration's client ID; Google's refresh-token flow: the OAuth client.
+    oauth_client_id: str = ""
+    oauth_client_secret_env: str = "MAILBRIDGE_IMAP_OAUTH_CLIENT_SECRET"  # noqa: S105 - a name
+    oauth_client_secret_file: str = ""
+    # Google: a service account's key (JSON) with domain-wide delegation for the mailbox...
+    oauth_service_account_file: str = ""
+    # ...or, without one, a refresh token the mailbox's user granted to the OAuth client.
+    oauth_refresh_token_env: str = "MAILBRIDGE_IMAP_OAUTH_REFRESH_TOKEN"  # noqa: S105 - a name
+    oauth_refresh_token_file: str = ""
+    oauth_scope: str = ""  # empty: the provider's IMAP scope
+    oauth_authority: str = ""  # Microsoft; empty: https://login.microsoftonline.com/<tenant>
+    token_url: str = ""  # Google; empty: the key file's token_uri, else Google's
+    oauth_ca_file: str = ""  # CA certificates (PEM) for the token service instead of the system's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +248,15 @@ class StorageSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DocumentSettings:
+    """How documents are handed out. A clinic's own `watermark` (`clinics set`) wins."""
+
+    # Every PDF page and image viewed or downloaded carries "Shared with <address> · <date> ·
+    # share <id>", stamped on the fly; the stored original is never changed.
+    watermark: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     service: ServiceSettings
     database: DatabaseSettings
@@ -249,6 +275,7 @@ class Settings:
     lmtp: LmtpSettings = field(default_factory=LmtpSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    documents: DocumentSettings = field(default_factory=DocumentSettings)
 
     @property
     def sharing_local(self) -> str:

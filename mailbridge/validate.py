@@ -182,6 +182,33 @@ def _validate_imap(imap: ImapSettings) -> None:
         for name in ("host", "username"):
             if not getattr(imap, name).strip():
                 raise ConfigError(f"[imap] {name}: required when [imap] enabled = true")
+    _validate_imap_oauth(imap)
+
+
+def _validate_imap_oauth(imap: ImapSettings) -> None:
+    if imap.auth not in ("password", "xoauth2"):
+        raise ConfigError(f"[imap] auth: expected \"password\" or \"xoauth2\", got {imap.auth!r}")
+    for key in ("oauth_authority", "token_url"):
+        value = getattr(imap, key)
+        if value and (urlsplit(value).scheme != "https" or not urlsplit(value).hostname):
+            raise ConfigError(f"[imap] {key}: expected an https:// URL, got {value!r}")
+    if imap.auth != "xoauth2":
+        return
+    if imap.oauth_provider == "microsoft":
+        if not imap.oauth_tenant.strip() and not imap.oauth_authority:
+            raise ConfigError("[imap] oauth_tenant: required with oauth_provider = "
+                              "\"microsoft\" (the directory (tenant) ID of the app registration)")
+        if not imap.oauth_client_id.strip():
+            raise ConfigError("[imap] oauth_client_id: required with oauth_provider = "
+                              "\"microsoft\" (the app registration's Application (client) ID)")
+    elif imap.oauth_provider == "google":
+        if not imap.oauth_service_account_file and not imap.oauth_client_id.strip():
+            raise ConfigError("[imap] oauth_service_account_file: required with oauth_provider ="
+                              " \"google\" (a service account key with domain-wide delegation),"
+                              " unless oauth_client_id and a refresh token are given")
+    else:
+        raise ConfigError(f"[imap] oauth_provider: expected \"microsoft\" or \"google\" with "
+                          f"auth = \"xoauth2\", got {imap.oauth_provider!r}")
 
 
 # --- secrets -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from mailbridge.outbound import outbox
 from mailbridge.runtime import Runtime
 from mailbridge.shares import clinics, notify
 from mailbridge.store import audit, audit_rows, bulk
-from mailbridge.store.models import Clinic, Grant, Share
+from mailbridge.store.models import Clinic, Grant, SentBack, Share
 from mailbridge.store.states import Audit, Delivery, GrantState
 
 Stop = threading.Event | None
@@ -76,6 +76,8 @@ def _remind_clinic(runtime: Runtime, clinic: Clinic, window: float, batch: int,
                       & Grant.reminded_at.is_null() & (Grant.delivery != Delivery.FAILED)
                       & (Grant.deadline > now)
                       & (Grant.deadline <= now + dt.timedelta(hours=window))
+                      # the member's own link to documents sent back to them: told once
+                      & Share.id.not_in(SentBack.select(SentBack.share))
                       & (Grant.id > last_id))
                .order_by(Grant.id).limit(batch)]
         sent += notify.remind_many(runtime, due)

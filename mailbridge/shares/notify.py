@@ -24,7 +24,15 @@ from mailbridge.runtime import Runtime
 from mailbridge.shares import clinics
 from mailbridge.shares.notices import share_ref
 from mailbridge.store import audit, audit_rows, bulk, tokens
-from mailbridge.store.models import Clinic, Document, Grant, Member, OutboundMessage, Share
+from mailbridge.store.models import (
+    Clinic,
+    Document,
+    Grant,
+    Member,
+    OutboundMessage,
+    SentBack,
+    Share,
+)
 from mailbridge.store.states import Audit, Delivery, Mail
 
 MAX_REASON_CHARS = 300
@@ -129,6 +137,8 @@ def first_view(runtime: Runtime, grant: Grant) -> bool:
                    .execute())
         if not changed or not runtime.settings.notifications.first_view:
             return False
+        if SentBack.select().where(SentBack.share == grant.share_id).exists():
+            return False  # the member opening documents sent back to them: nobody to tell
         share = Share.get_by_id(grant.share_id)
         sender, timezone = share.sender, share.clinic.timezone
         message = compose.first_view_email(
@@ -164,14 +174,18 @@ def expiry_summaries(runtime: Runtime, share_ids: Sequence[int]) -> dict[int, in
             return {}
         shares = _shares(reported)
         order = sorted(reported)
+        # Nobody to tell when the member's own link to documents sent back to them lapsed.
+        returned = {row.share_id for row in SentBack.select(SentBack.share)
+                    .where(SentBack.share.in_(order))}
         if notify:
             outbox.enqueue_many(runtime, [
                 outbox.Queued(_summary_email(runtime, shares[share_id], reported[share_id], now),
                               kind=Mail.EXPIRY_SUMMARY, to_addr=shares[share_id].sender.email,
-                              share=share_id) for share_id in order])
+                              share=share_id) for share_id in order if share_id not in returned])
         audit.record_each(runtime.audit_key, audit_rows.Template(
             kind=Audit.EXPIRY_REPORTED, at=now, varying=("share",), per_event_detail=True),
-            [(share_id, {"recipients": len(reported[share_id]), "notified": notify})
+            [(share_id, {"recipients": len(reported[share_id]),
+                         "notified": notify and share_id not in returned})
              for share_id in order])
     return {share_id: len(addresses) for share_id, addresses in reported.items()}
 

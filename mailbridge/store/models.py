@@ -43,6 +43,7 @@ class Clinic(BaseModel):
     remind_before_hours = pw.FloatField(null=True)
     document_retention_days = pw.FloatField(null=True)  # None: kept for good
     legal_hold = pw.BooleanField(default=False)  # nothing of the clinic's is purged
+    watermark = pw.BooleanField(null=True)  # None: [documents] watermark decides
 
 
 class Member(BaseModel):
@@ -322,7 +323,9 @@ class Blob(BaseModel):
     blob_id = pw.CharField(max_length=32, primary_key=True)
     store = pw.CharField(max_length=16)  # "documents" or "spool"
     header = pw.BlobField()
-    created_at = pw.DoubleField()  # wall-clock seconds, like a file's time (orphan sweep)
+    # wall-clock seconds, like a file's time (orphan sweep); double: PostgreSQL's REAL (what
+    # FloatField makes) rounds today's epoch seconds to about two minutes
+    created_at = pw.DoubleField()
 
     class Meta:
         indexes = ((("store", "created_at"), False),)
@@ -362,5 +365,22 @@ class AccessRequest(BaseModel):
     ip = pw.CharField(max_length=64, default="")
 
 
-
 ALL_MODELS += [AccessRequest]  # noqa: E305
+
+
+class SentBack(BaseModel):
+    """Documents a recipient sent back to the sender of `original`. They are kept as a share
+    of their own (`share`, made by the sender's member row), so encryption, retention, backups
+    and the orphan sweep treat them like any document; for a member without a console account
+    that share also has a grant for the member's own address."""
+
+    share = pw.ForeignKeyField(Share, unique=True, backref="sent_back_as", on_delete="CASCADE")
+    original = pw.ForeignKeyField(Share, backref="sent_back", on_delete="CASCADE")
+    grant = pw.ForeignKeyField(Grant, null=True, on_delete="SET NULL")  # who sent them back
+    address = pw.CharField(max_length=320)  # the recipient's address, kept if the grant goes
+    via = pw.CharField(max_length=16)  # "console" | "portal": where the sender opens them
+    created_at = pw.DateTimeField()
+
+
+
+ALL_MODELS += [SentBack]  # noqa: E305

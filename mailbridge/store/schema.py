@@ -184,6 +184,20 @@ def _v11_access_requests(db: peewee.Database, keys: Keys | None) -> None:
     db.create_tables([models.AccessRequest], safe=True)
 
 
+def _v12_sent_back(db: peewee.Database, keys: Keys | None) -> None:
+    """Documents recipients send back from their library, linked to the original share."""
+    db.create_tables([models.SentBack], safe=True)
+
+
+def _v13_watermark(db: peewee.Database, keys: Keys | None) -> None:
+    """A clinic's own watermark setting (None: the configuration's)."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    if "watermark" not in {c.name for c in db.get_columns("clinic")}:
+        migrate(SchemaMigrator.from_database(db).add_column("clinic", "watermark",
+                                                            models.Clinic.watermark))
+
+
 # The full indexes the partial ones of version 14 replace.
 SUPERSEDED_INDEXES = ("grant_state", "grant_deadline", "grant_account_id",
                       *(f"audit_event_{ref}_id" for ref in ("document", "member", "account",
@@ -213,6 +227,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (10, "encrypted blobs kept in the database (shared document storage)",
      _v10_blobs_in_database),
     (11, "access requests from forwarded links", _v11_access_requests),
+    (12, "documents sent back by recipients, linked to the original share", _v12_sent_back),
+    (13, "a clinic's own watermark setting", _v13_watermark),
     (14, "partial indexes for the set-based jobs (pending and unreported grants, references "
          "that are mostly empty)", _v14_partial_indexes),
 ]

@@ -66,6 +66,7 @@ class Mail(StrEnum):
     ACCESS_CODE = "access_code"  # to someone asking for access: the code for their address
     ACCESS_REQUEST = "access_request"  # to the sender: approve or deny
     ACCESS_REFUSED = "access_refused"  # to the requester: the sender said no
+    DOCUMENTS_RETURNED = "documents_returned"  # to the sender: a recipient sent documents back
 
 
 # To recipients and about their account: no PHI in them, so they may travel in clear.
@@ -146,6 +147,11 @@ class Audit(StrEnum):
     ACCESS_REQUESTED = "access_requested"
     ACCESS_APPROVED = "access_approved"
     ACCESS_REFUSED = "access_refused"
+    # documents sent back by a recipient (shares/send_back.py), on the original share
+    DOCUMENTS_RETURNED = "documents_returned"
+    RETURN_REFUSED = "return_refused"  # wrong type, too large, share ended: nothing stored
+    RETURNED_DOCUMENT_VIEWED = "returned_document_viewed"  # in the staff console
+    RETURNED_DOCUMENT_DOWNLOADED = "returned_document_downloaded"
 
 
 class AccessState(StrEnum):

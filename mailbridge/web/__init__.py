@@ -22,11 +22,13 @@ from mailbridge.web import (
     link_actions,
     link_requests,
     links,
+    send_back,
     staff_auth,
     staff_clinic,
     staff_passkeys,
     staff_requests,
     staff_sent,
+    staff_sent_back,
 )
 from mailbridge.web.access import current_account
 from mailbridge.web.audit_batch import AuditBatcher
@@ -71,7 +73,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
     app.extensions["mailbridge_limiter"] = limiter
     app.extensions["mailbridge_audit"] = AuditBatcher(runtime.db, runtime.audit_key)
     for module in (links, link_actions, accounts, library, documents, staff_auth,
-                   staff_passkeys, staff_sent, staff_clinic, link_requests, staff_requests):
+                   staff_passkeys, staff_sent, staff_clinic, link_requests, staff_requests,
+                   send_back, staff_sent_back):
         module.register(app, limiter)
 
     @app.context_processor
