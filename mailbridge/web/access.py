@@ -11,7 +11,7 @@ from flask import abort, current_app, redirect, request, session, url_for
 
 from mailbridge.runtime import Runtime
 from mailbridge.shares.lifecycle import effective_state
-from mailbridge.store.models import Account, Document, Grant, Share
+from mailbridge.store.models import Account, Clinic, Document, Grant, Share
 from mailbridge.store.states import Audit, GrantState
 
 # The portal's policy allows no script at all (web/__init__.py); the staff pages that handle
@@ -68,7 +68,9 @@ def active_grant(account: Account, share_id: int) -> Grant | None:
 def accessible_document(account: Account, document_id: int) -> tuple[Document, Grant] | None:
     """None both for a missing document and for another account's: the same 404 (no IDOR).
     A document shredded under retention (its key wiped) is gone for everyone."""
-    document = Document.get_or_none(Document.id == document_id)
+    # Share and clinic come in the same query: serving it reads the clinic's policy.
+    document = (Document.select(Document, Share, Clinic).join(Share).join(Clinic)
+                .where(Document.id == document_id).first())
     if document is None or not document.blob_key:
         return None
     grant = active_grant(account, document.share_id)
