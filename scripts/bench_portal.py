@@ -4,7 +4,8 @@ baseline measured in the same run — a bare WSGI app on the same server (waitre
 threads) serving the same bytes from memory — and printed as a ratio.
 
     .venv/bin/python scripts/bench_portal.py [--requests 2000] [--downloads 100]
-        [--size-mb 1] [--clients 4] [--watermark]
+        [--size-mb 1] [--clients 4] [--rounds 3] [--backend local|database]
+        [--watermark]
 
 --watermark measures what stamping costs instead: the same real PDF (and a JPEG) of about
 --size-mb downloaded from a clinic without watermarks and from one with them, in one run;
@@ -112,6 +113,11 @@ def main() -> int:
     ap.add_argument("--downloads", type=int, default=100, help="document downloads")
     ap.add_argument("--size-mb", type=float, default=1.0, help="document size")
     ap.add_argument("--clients", type=int, default=4, help="concurrent connections")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds, each mailbridge then bare; figures are medians over rounds "
+                         "(a shared machine's load swings between seconds)")
+    ap.add_argument("--backend", choices=("local", "database"), default="local",
+                    help="where the document is kept ([storage] backend)")
     ap.add_argument("--watermark", action="store_true",
                     help="measure watermarked downloads against plain ones instead")
     args = ap.parse_args()
@@ -125,6 +131,7 @@ def main() -> int:
             "MAILBRIDGE_ADDRESSES_SHARING": "share@portal.example",
             "MAILBRIDGE_ADDRESSES_REPLY_DOMAIN": "reply.portal.example",
             "MAILBRIDGE_OUTBOUND_FROM": "mailbridge@portal.example",
+            "MAILBRIDGE_STORAGE_BACKEND": args.backend,
         })
         runtime = build_runtime(settings, master_key=os.urandom(32))
         schema.upgrade(runtime.db, system_clock())
@@ -168,20 +175,32 @@ def main() -> int:
 
         bare_server, bare_port = serve(bare)
         cookie = f"mb_session={sid}"
-        rows = {
-            "link page, mailbridge": load(port, f"/s/{link_token}", args.requests,
-                                          args.clients),
-            "link page, bare WSGI": load(bare_port, "/s/x", args.requests, args.clients),
-            "download, mailbridge": load(port, f"/documents/{document.id}/download",
-                                         args.downloads, args.clients, cookie),
-            "download, bare WSGI": load(bare_port, "/d", args.downloads, args.clients),
-        }
+        rounds: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):
+            for name, result in (
+                ("link page, mailbridge", lambda: load(port, f"/s/{link_token}", args.requests,
+                                                       args.clients)),
+                ("link page, bare WSGI", lambda: load(bare_port, "/s/x", args.requests,
+                                                      args.clients)),
+                ("download, mailbridge", lambda: load(port, f"/documents/{document.id}/download",
+                                                      args.downloads, args.clients, cookie)),
+                ("download, bare WSGI", lambda: load(bare_port, "/d", args.downloads,
+                                                     args.clients)),
+            ):
+                rounds.setdefault(name, []).append(result())
+        rows = {name: {k: statistics.median(r[k] for r in results) for k in results[0]}
+                for name, results in rounds.items()}
+        ratios = {what: statistics.median(
+            m[key] / b[key] for m, b in zip(rounds[f"{what}, mailbridge"],
+                                            rounds[f"{what}, bare WSGI"], strict=True))
+            for what, key in (("link page", "rps"), ("download", "mbps"))}
         server.close()
         bare_server.close()
         runtime.db.close()
 
     print(f"portal benchmark: {args.requests} link-page GETs, {args.downloads} downloads of "
-          f"{args.size_mb:g} MB, {args.clients} connections, waitress {THREADS} threads")
+          f"{args.size_mb:g} MB ({args.backend} storage), {args.clients} connections, "
+          f"waitress {THREADS} threads, median of {args.rounds} round(s)")
     print(f"machine: {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}")
     print()
@@ -189,9 +208,8 @@ def main() -> int:
     for name, r in rows.items():
         print(f"{name:28}{r['rps']:9.1f}{r['mbps']:9.1f}{r['p50']:9.1f}{r['p99']:9.1f}")
     print()
-    link = rows["link page, mailbridge"]["rps"] / rows["link page, bare WSGI"]["rps"]
-    down = rows["download, mailbridge"]["mbps"] / rows["download, bare WSGI"]["mbps"]
-    print(f"mailbridge/bare ratio: link page {link:.3f} (req/s), download {down:.3f} (MB/s)")
+    print(f"mailbridge/bare ratio: link page {ratios['link page']:.3f} (req/s), "
+          f"download {ratios['download']:.3f} (MB/s)")
     return 0
 
 

@@ -125,10 +125,10 @@ class DatabaseBlobStore:
 
     def delete(self, blob_id: str) -> None:
         """Remove a blob; deleting one that is already gone is not an error."""
-        check_id(blob_id)
-        with self._db.atomic():
-            if Blob.select().where((Blob.blob_id == blob_id)
-                                   & (Blob.store == self._name)).exists():
+        # Looked up first, outside a transaction: with the local backend configured this
+        # store is the fallback, asked on every delete, and almost never holds the blob.
+        if self.exists(blob_id):
+            with self._db.atomic():
                 self._delete_rows(blob_id)
 
     def stale_files(self, older_than: float) -> Iterator[tuple[str, bool]]:

@@ -9,6 +9,7 @@ by itself: the statement that met the dead connection fails once, the next one r
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import peewee
@@ -31,6 +32,7 @@ UNAVAILABLE = (peewee.DatabaseError, peewee.InterfaceError)
 # unreachable, connection lost): a message hit by it waits without using up its attempts.
 # Integrity and programming errors are not in it: retrying would not cure them.
 INFRASTRUCTURE = (peewee.OperationalError, peewee.InterfaceError)
+WRITER_WAIT_SECONDS = 5.0  # as long as SQLite's busy_timeout
 
 
 class RecoveringPostgresqlDatabase(peewee.PostgresqlDatabase):
@@ -85,6 +87,54 @@ class RecoveringPostgresqlDatabase(peewee.PostgresqlDatabase):
         return True
 
 
+class SerializedSqliteDatabase(peewee.SqliteDatabase):
+    """SQLite with this process's write transactions taking turns on a lock of our own.
+
+    SQLite lets one writer in at a time; a second BEGIN IMMEDIATE finds the file locked and
+    SQLite's busy handler then *sleeps* (1, 2, 5, 10 ms and more) before trying again, long
+    after the first writer committed. Threads of one process (portal requests auditing each
+    download, SMTP sessions, the worker) instead wait on a lock that wakes the next one the
+    moment the transaction ends. Other processes still meet SQLite's own locking; a lock not
+    released in time (a transaction left open) is waited for at most `busy_timeout`, after
+    which SQLite's locking decides as before.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._writer = threading.Lock()
+        self._holder = threading.local()
+
+    def begin(self, lock_type=None):
+        if not getattr(self._holder, "held", False):
+            self._holder.held = self._writer.acquire(timeout=WRITER_WAIT_SECONDS)
+        try:
+            super().begin(lock_type)
+        except BaseException:
+            self._release()
+            raise
+
+    def commit(self):
+        try:
+            super().commit()
+        finally:
+            self._release()
+
+    def rollback(self):
+        try:
+            super().rollback()
+        finally:
+            self._release()
+
+    def _close(self, conn):
+        self._release()  # a connection closed inside a transaction ends it
+        super()._close(conn)
+
+    def _release(self) -> None:
+        if getattr(self._holder, "held", False):
+            self._holder.held = False
+            self._writer.release()
+
+
 def _connection_dead(conn) -> bool:
     import psycopg2.extensions
 
@@ -98,7 +148,7 @@ def open_database(url: str) -> peewee.Database:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = peewee.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=5,
+        db = SerializedSqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=5,
                                    lock_type="IMMEDIATE", check_same_thread=False)
     else:
         db = RecoveringPostgresqlDatabase(**parse(url.replace("postgres://", "postgresql://", 1)),

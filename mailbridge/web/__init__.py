@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.resources
 import time
 
+import peewee
 from flask import Flask, g, redirect, render_template, request, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -30,6 +31,7 @@ from mailbridge.web import (
     staff_sent_back,
 )
 from mailbridge.web.access import current_account
+from mailbridge.web.audit_batch import AuditBatcher
 from mailbridge.web.sessions import DatabaseSessionInterface
 
 # Shipped inside the package (templates/ at the top of the repository is mailbridge.templates).
@@ -69,6 +71,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
                       headers_enabled=False, key_prefix=f"mailbridge {settings.service.base_url}",
                       in_memory_fallback_enabled=shared)
     app.extensions["mailbridge_limiter"] = limiter
+    app.extensions["mailbridge_audit"] = AuditBatcher(runtime.db, runtime.audit_key)
     for module in (links, link_actions, accounts, library, documents, staff_auth,
                    staff_passkeys, staff_sent, staff_clinic, link_requests, staff_requests,
                    send_back, staff_sent_back):
@@ -116,8 +119,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
 
     @app.teardown_appcontext
     def close_db(exc):
-        # waitress threads are long-lived; hand the connection back after each request
-        if not runtime.db.is_closed():
+        # waitress threads are long-lived; hand a PostgreSQL connection back after each
+        # request. An SQLite connection stays with its thread: opening one costs its pragmas,
+        # and closing the last one checkpoints the write-ahead log, several ms per request.
+        if not runtime.db.is_closed() and not isinstance(runtime.db, peewee.SqliteDatabase):
             runtime.db.close()
 
     return app

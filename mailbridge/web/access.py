@@ -11,8 +11,7 @@ from flask import abort, current_app, redirect, request, session, url_for
 
 from mailbridge.runtime import Runtime
 from mailbridge.shares.lifecycle import effective_state
-from mailbridge.store import audit
-from mailbridge.store.models import Account, Document, Grant, Share
+from mailbridge.store.models import Account, Clinic, Document, Grant, Share
 from mailbridge.store.states import Audit, GrantState
 
 # The portal's policy allows no script at all (web/__init__.py); the staff pages that handle
@@ -40,10 +39,11 @@ def client() -> dict:
 
 
 def record(kind: str, **refs) -> None:
-    """An audit event for this request (IP and user agent included), in its own transaction
-    unless the caller has one open."""
-    with runtime().db.atomic():
-        audit.record(runtime().audit_key, kind, now(), **client(), **refs)
+    """An audit event for this request (IP and user agent included), committed when this
+    returns: in the caller's transaction if one is open, else with the events of requests
+    recording at the same moment (web/audit_batch.py)."""
+    event = dict(kind=kind, at=now(), **client(), **refs)
+    current_app.extensions["mailbridge_audit"].record(event)
 
 
 def require_account(view):
@@ -68,7 +68,9 @@ def active_grant(account: Account, share_id: int) -> Grant | None:
 def accessible_document(account: Account, document_id: int) -> tuple[Document, Grant] | None:
     """None both for a missing document and for another account's: the same 404 (no IDOR).
     A document shredded under retention (its key wiped) is gone for everyone."""
-    document = Document.get_or_none(Document.id == document_id)
+    # Share and clinic come in the same query: serving it reads the clinic's policy.
+    document = (Document.select(Document, Share, Clinic).join(Share).join(Clinic)
+                .where(Document.id == document_id).first())
     if document is None or not document.blob_key:
         return None
     grant = active_grant(account, document.share_id)

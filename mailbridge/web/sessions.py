@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import secrets
 
+import peewee
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
@@ -58,8 +59,11 @@ class DatabaseSessionInterface(SessionInterface):
         if not sid or len(sid) > 100:
             return self._open_anonymous(request)
         now = self.runtime.clock()
-        row = (WebSession.select().where((WebSession.id_hash == hash_token(sid))
-                                         & WebSession.ended_at.is_null()).first())
+        # The account comes in the same query: every signed-in request needs it.
+        row = (WebSession.select(WebSession, Account)
+               .join(Account, peewee.JOIN.LEFT_OUTER, on=(WebSession.account == Account.id))
+               .where((WebSession.id_hash == hash_token(sid)) & WebSession.ended_at.is_null())
+               .first())
         if row is None:
             return self._open_anonymous(request)
         if now - row.last_seen_at > self.idle or now - row.created_at > self.absolute:

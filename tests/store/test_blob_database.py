@@ -250,3 +250,50 @@ def test_a_copy_that_reads_back_differently_keeps_the_source(runtime):
     with pytest.raises(StorageError, match="reads back differently"):
         blob_migrate.move(local, Corrupting(), blob.blob_id)
     assert read_all(local, blob.blob_id, blob.wrapped_key) == b"raw message " * 100
+
+
+# --- the purge and retention on database blobs -----------------------------------------------
+
+
+@pytest.fixture
+def shared_runtime(tmp_path, db_url):
+    import secrets
+
+    from mailbridge.clock import system_clock
+    from mailbridge.runtime import build_runtime
+    from mailbridge.store import schema
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "node", db_url, MAILBRIDGE_STORAGE_BACKEND="database")
+    rt = build_runtime(settings, master_key=secrets.token_bytes(32))
+    schema.upgrade(rt.db, system_clock())
+    yield rt
+    rt.db.close()
+
+
+def test_crypto_shredding_deletes_the_rows(shared_runtime):
+    from mailbridge.shares import retention
+    from mailbridge.store.models import Document
+    from tests.portal_helpers import make_share
+
+    share, _ = make_share(shared_runtime)
+    assert Blob.select().count() == 1 and BlobChunk.select().count() >= 1
+    assert retention.shred(shared_runtime, share.id, 30) == 1
+    assert Blob.select().count() == 0 and BlobChunk.select().count() == 0
+    assert all(d.blob_key == b"" for d in Document.select())
+
+
+def test_the_orphan_sweep_removes_old_unreferenced_rows_only(shared_runtime):
+    import time
+
+    from mailbridge.shares import orphans
+    from tests.portal_helpers import make_share
+
+    make_share(shared_runtime)  # referenced by its document row
+    orphan = put_bytes(shared_runtime.spool, b"a message whose row never committed")
+    fresh = put_bytes(shared_runtime.documents, b"a share still committing")
+    Blob.update(created_at=time.time() - 2 * 86400).where(Blob.blob_id != fresh.blob_id).execute()
+    assert orphans.sweep(shared_runtime) == 1
+    remaining = {b.blob_id for b in Blob.select()}
+    assert orphan.blob_id not in remaining and fresh.blob_id in remaining
+    assert len(remaining) == 2

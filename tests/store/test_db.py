@@ -144,3 +144,45 @@ def test_every_thread_recovers_by_itself(pg):
     for thread in threads:
         thread.join(10)
     assert results == [0, 0, 0]
+
+
+def test_sqlite_writers_of_one_process_take_turns_and_a_failed_one_lets_go(tmp_path):
+    """Threads writing at once all commit (none meets "database is locked"); a transaction
+    that fails, or whose connection is closed inside it, does not hold up the next writer."""
+    import time
+
+    db = open_database(f"sqlite:///{tmp_path / 'mb.db'}")
+    schema.upgrade(db, system_clock())
+    clinic = Clinic.create(name="Riverside PT", timezone="UTC", created_at=system_clock())
+    errors = []
+
+    def write(n: int) -> None:
+        try:
+            for _ in range(n):
+                with db.atomic():
+                    current = Clinic.get_by_id(clinic.id).claim_hours or 0
+                    Clinic.update(claim_hours=current + 1).where(Clinic.id == clinic.id).execute()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=write, args=(40,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and Clinic.get_by_id(clinic.id).claim_hours == 240
+
+    with pytest.raises(ZeroDivisionError), db.atomic():
+        Clinic.update(claim_hours=0).execute()
+        1 / 0  # noqa: B018
+    db.begin()  # left open, then the connection is closed: the transaction ends with it
+    db.close()
+    started = time.monotonic()
+    other = threading.Thread(target=write, args=(1,))
+    other.start()
+    other.join()
+    assert errors == [] and time.monotonic() - started < 2.5  # no wait for a stale lock
+    assert Clinic.get_by_id(clinic.id).claim_hours == 241
+    db.close()
