@@ -37,13 +37,13 @@ def create_share(runtime: Runtime, row: InboundMessage, raw: bytes, member: Memb
     try:
         share = _commit(runtime, row, member, message, request, blobs, key, keys)
     except peewee.IntegrityError:
-        _delete(runtime, blobs)
+        delete_blobs(runtime, blobs)
         existing = Share.get_or_none(Share.dedupe_key == key)
         if existing is not None:
             return _duplicate(runtime, row, existing)
         raise  # a copy of the message acted on at this moment: the worker tries again
     except BaseException:
-        _delete(runtime, blobs)
+        delete_blobs(runtime, blobs)
         raise
     runtime.wake_dispatcher.set()
     runtime.metrics.share_created()
@@ -124,7 +124,8 @@ def _duplicate(runtime: Runtime, row: InboundMessage, existing: Share) -> Done:
     return Done(existing.id, "duplicate of an existing share")
 
 
-def _delete(runtime: Runtime, blobs: list[StoredBlob]) -> None:
+def delete_blobs(runtime: Runtime, blobs: list[StoredBlob]) -> None:
+    """Remove documents encrypted for a transaction that did not commit."""
     for blob in blobs:
         try:
             runtime.documents.delete(blob.blob_id)

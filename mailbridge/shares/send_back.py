@@ -19,6 +19,7 @@ from mailbridge.outcomes import Notice, Reject
 from mailbridge.runtime import Runtime
 from mailbridge.settings import LimitSettings
 from mailbridge.shares import clinics, notices
+from mailbridge.shares.create import delete_blobs
 from mailbridge.store import audit, sealed, tokens
 from mailbridge.store.blobs import StoredBlob, put_bytes
 from mailbridge.store.models import Document, Grant, SentBack, Share, StaffAccount
@@ -123,11 +124,11 @@ def send_back(runtime: Runtime, grant: Grant, documents: list[Attachment], messa
             sent_back = _commit(runtime, fresh, documents, blobs,
                                 message.strip()[:MAX_MESSAGE_CHARS], ip, user_agent)
     except _Abort as stop:
-        _delete(runtime, blobs)
+        delete_blobs(runtime, blobs)
         record_refusal(runtime, grant, stop.refused, ip=ip, user_agent=user_agent)
         return stop.refused
     except BaseException:
-        _delete(runtime, blobs)
+        delete_blobs(runtime, blobs)
         raise
     outbox.notify(runtime)
     log.info("share #%d: %d document(s) sent back (#%d, via %s)", sent_back.original_id,
@@ -203,11 +204,3 @@ def console_url(base_url: str, sent_back_id: int) -> str:
 def is_sent_back(share_id: int) -> bool:
     """True for a share that holds documents sent back (not one a member made)."""
     return SentBack.select().where(SentBack.share == share_id).exists()
-
-
-def _delete(runtime: Runtime, blobs: list[StoredBlob]) -> None:
-    for blob in blobs:
-        try:
-            runtime.documents.delete(blob.blob_id)
-        except OSError:
-            log.warning("could not remove an orphaned document blob %s", blob.blob_id)
