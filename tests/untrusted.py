@@ -33,6 +33,7 @@ from mailbridge.mail import (
 )
 from mailbridge.outcomes import Ignore, Notice, Reject
 from mailbridge.settings import Settings
+from mailbridge.shares import reply
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -218,6 +219,17 @@ def once_only(mail: Mail) -> None:
     expect("once_only", identity.share_dedupe_key(mail.raw, mail.message), (str,))
 
 
+def answer_headers(mail: Mail) -> None:
+    """What an answer to the member takes from their message: the Message-ID it quotes, the
+    subject and date a notice shows, the references that find a reply's share."""
+    found = identity.message_id(mail.message)
+    expect("answer_headers", found, (str, type(None)))
+    original = reply.original_of(mail.message, "America/New_York")
+    references = reply.referenced_ids(mail.message, mail.settings)
+    storable("answer_headers", [found, original.subject, original.date_text, *references],
+             "header")
+
+
 def reply_command(mail: Mail) -> None:
     line = command.first_unquoted_line(mail.message)
     expect("reply_command", line, (str, type(None)))
@@ -235,7 +247,8 @@ def delivery_report(mail: Mail) -> None:
 
 
 ENTRY_POINTS: tuple[Callable[[Mail], None], ...] = (
-    delivery_report, screening, sender, once_only, reply_command, share_request, mime_parts)
+    delivery_report, screening, sender, once_only, answer_headers, reply_command, share_request,
+    mime_parts)
 
 
 def check(raw: bytes, settings: Settings | None = None) -> None:

@@ -97,7 +97,7 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
             recipients=list(request.recipients),
             filenames=[a.filename for a in request.attachments], deadline_text=when,
             reply_address=f"reply+{reply_key}@{settings.addresses.reply_domain}",
-            in_reply_to=message.get("Message-ID"), claim_hours=rules.claim_hours)
+            in_reply_to=identity.message_id(message), claim_hours=rules.claim_hours)
         queued = outbox.enqueue(runtime, receipt, kind=Mail.RECEIPT, to_addr=member.email,
                                 share=share)
         share.receipt_message_id = queued.message_id
