@@ -31,6 +31,7 @@ from mailbridge.mail import (
     senders,
     text,
 )
+from mailbridge.outbound import compose
 from mailbridge.outcomes import Ignore, Notice, Reject
 from mailbridge.settings import Settings
 from mailbridge.shares import reply
@@ -148,6 +149,7 @@ def share_request(mail: Mail) -> None:
         _share_ok(result)
         return
     _reject_ok("share_request", result)
+    _member_hears(mail, result)
     if isinstance(found, Reject):
         _reject_ok("share_request", found)
     documents = attachments.find_attachments(mail.message, mail.settings.limits)
@@ -157,6 +159,16 @@ def share_request(mail: Mail) -> None:
     storable("share_request", note.sender_note(mail.message), "note")
     storable("share_request", request.message_title(mail.message), "title")
     storable("share_request", text.body_lines(mail.message), "body line")
+
+
+def _member_hears(mail: Mail, result: Reject) -> None:
+    """The notice the member gets for a Reject, composed and written out as conclude.reject
+    and the outbox do: a Reject nobody can send is a member who never hears why."""
+    notice = compose.notice_email(mail.settings, to=MEMBER, code=result.code,
+                                  details=result.details,
+                                  in_reply_to=identity.message_id(mail.message),
+                                  original=reply.original_of(mail.message, "America/New_York"))
+    notice.as_bytes()
 
 
 def _share_ok(result: request.ParsedShare) -> None:
