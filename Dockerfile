@@ -9,6 +9,12 @@
 #
 # Inside the container SMTP intake and the portal listen on all interfaces (the container's
 # own network); publish them on loopback, or to the MTA and reverse proxy in front.
+#
+# Several machines on one PostgreSQL database (see the README, "Several workers and nodes"):
+# the same image runs each role, e.g. workers alone, or the portal under gunicorn:
+#   docker run -d -e MAILBRIDGE_SERVICE_NODE_ID=worker-1 ... mailbridge worker
+#   docker run -d ... --entrypoint gunicorn mailbridge -w 4 -b 0.0.0.0:8080 \
+#       mailbridge.web.wsgi:app
 
 # --- build: the wheels of mailbridge and everything it needs -----------------------------------
 FROM python:3.11-slim-bookworm AS build
@@ -16,7 +22,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mailbridge ./mailbridge
 COPY templates ./templates
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres,cluster]"
 
 # --- run: only the installed wheels, no compiler, no sources ----------------------------------
 FROM python:3.11-slim-bookworm
@@ -39,7 +45,7 @@ RUN groupadd --system --gid 10001 mailbridge \
 COPY --from=build /wheels /wheels
 # Only the wheels built above (--no-index): their versions are fixed by the build stage.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --no-index --find-links=/wheels "mailbridge[postgres]" \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "mailbridge[postgres,cluster]" \
  && rm -rf /wheels
 # Numeric, so that runtimes can check it is not root without reading /etc/passwd.
 USER 10001:10001

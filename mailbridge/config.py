@@ -17,8 +17,8 @@ from pathlib import Path
 from mailbridge.settings import Settings
 from mailbridge.validate import ConfigError, validate
 
-__all__ = ["MASTER_KEY_ENV", "ConfigError", "load_settings", "read_imap_password",
-           "read_master_key", "read_relay_password"]
+__all__ = ["MASTER_KEY_ENV", "ConfigError", "load_settings", "read_imap_oauth_secret",
+           "read_imap_password", "read_master_key", "read_relay_password"]
 
 ENV_PREFIX = "MAILBRIDGE"
 MASTER_KEY_ENV = "MAILBRIDGE_MASTER_KEY"
@@ -186,8 +186,9 @@ def _resolve_paths(s: Settings, base: Path) -> Settings:
                         else data_dir / "outbox"),
             smtp=dataclasses.replace(s.outbound.smtp,
                                      **_absolute_files(s.outbound.smtp, ("ca_file",), absolute))),
-        imap=dataclasses.replace(s.imap, **_absolute_files(s.imap, ("ca_file", "password_file"),
-                                                          absolute)),
+        imap=dataclasses.replace(s.imap, **_absolute_files(s.imap, (
+            "ca_file", "password_file", "oauth_client_secret_file", "oauth_service_account_file",
+            "oauth_refresh_token_file", "oauth_ca_file"), absolute)),
         smtp=dataclasses.replace(s.smtp, **_absolute_files(s.smtp, ("tls_cert_file",
                                                                     "tls_key_file"), absolute)),
         lmtp=dataclasses.replace(s.lmtp, **_absolute_files(s.lmtp, ("socket",), absolute)),
@@ -244,3 +245,17 @@ def read_imap_password(s: Settings, env: typing.Mapping[str, str] | None = None)
         except OSError as exc:
             raise ConfigError(f"[imap] password_file: cannot read ({exc})") from None
     return env.get(imap.password_env, "")
+
+
+def read_imap_oauth_secret(s: Settings, name: str,
+                           env: typing.Mapping[str, str] | None = None) -> str:
+    """An OAuth secret of `[imap]` (`name`: "oauth_client_secret" or "oauth_refresh_token")
+    from its `_file`, else the variable its `_env` names; "" if neither is set."""
+    env = os.environ if env is None else env
+    path = getattr(s.imap, f"{name}_file")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"[imap] {name}_file: cannot read ({exc})") from None
+    return env.get(getattr(s.imap, f"{name}_env"), "")

@@ -17,7 +17,8 @@ from mailbridge.clock import Clock, system_clock
 from mailbridge.config import read_master_key
 from mailbridge.metrics import Metrics
 from mailbridge.settings import Settings
-from mailbridge.store.blobs import BlobStore, LocalBlobStore
+from mailbridge.store.blob_db import DatabaseBlobStore
+from mailbridge.store.blobs import BlobStore, FallbackBlobStore, LocalBlobStore
 from mailbridge.store.db import open_database
 
 
@@ -52,8 +53,8 @@ def build_runtime(settings: Settings, *, clock: Clock = system_clock,
     return Runtime(
         settings=settings,
         db=db,
-        documents=LocalBlobStore(settings.documents_dir, derive_key(key, "documents")),
-        spool=LocalBlobStore(settings.spool_dir, derive_key(key, "spool")),
+        documents=blob_store(settings, db, "documents", derive_key(key, "documents")),
+        spool=blob_store(settings, db, "spool", derive_key(key, "spool")),
         outbox_key=derive_key(key, "outbox"),
         phi_key=derive_key(key, "phi"),
         audit_key=derive_key(key, "audit"),
@@ -62,3 +63,23 @@ def build_runtime(settings: Settings, *, clock: Clock = system_clock,
         clock=clock,
         dnsfunc=dnsfunc,
     )
+
+
+def blob_store(settings: Settings, db: peewee.Database, name: str, key: bytes,
+               backend: str = "") -> BlobStore:
+    """The documents or spool store of `[storage] backend` (or `backend`), falling back to the
+    other backend for blobs not moved yet (`mailbridge storage migrate`). The spool follows the
+    backend too: a message spooled on one node is processed by a worker on any node."""
+    chosen = backend or settings.storage.backend
+    other = "local" if chosen == "database" else "database"
+    return FallbackBlobStore(single_blob_store(settings, db, name, key, chosen),
+                             single_blob_store(settings, db, name, key, other))
+
+
+def single_blob_store(settings: Settings, db: peewee.Database, name: str, key: bytes,
+                      backend: str) -> BlobStore:
+    """One backend's store alone, without the fallback (what a migration moves between)."""
+    if backend == "database":
+        return DatabaseBlobStore(db, name, key)
+    folder = {"documents": settings.documents_dir, "spool": settings.spool_dir}[name]
+    return LocalBlobStore(folder, key)

@@ -18,7 +18,7 @@ from mailbridge.receive import worker
 from mailbridge.runtime import Runtime
 from mailbridge.shares import jobs, notify, purge
 from mailbridge.shares.jobs import Stop, stopped
-from mailbridge.store import db
+from mailbridge.store import db, locks
 from mailbridge.store.blobs import StorageError
 from mailbridge.store.outages import Outage, cause_of
 
@@ -66,7 +66,16 @@ JOBS: dict[str, tuple[Callable[[Runtime], int], float]] = {
 
 def run_job(runtime: Runtime, name: str, stop: Stop = None) -> int:
     """Run the job `name` once, timed and counted in the metrics (a run that raises counts as
-    failed and raises on)."""
+    failed and raises on). On PostgreSQL a job runs on one node at a time: while another node
+    runs it, this run is skipped (0)."""
+    with locks.exclusive(runtime.db, f"job {name}") as ours:
+        if not ours:
+            log.debug("%s: running on another node; skipped", name)
+            return 0
+        return _run_job(runtime, name, stop)
+
+
+def _run_job(runtime: Runtime, name: str, stop: Stop) -> int:
     function, _ = JOBS[name]
     started = time.monotonic()
     failed = True

@@ -1,10 +1,12 @@
-"""`mailbridge serve`: intake (SMTP, and IMAP, LMTP and the MTA's policy service when
-enabled), worker, outbound dispatcher, scheduler and web portal in one process, started in
-dependency order and stopped in reverse — within `[service] stop_timeout_seconds`: every part
-is told at once, finishes the item in hand and hands the rest back."""
+"""`mailbridge serve` (and `mailbridge worker`): intake (SMTP, and IMAP, LMTP and the MTA's
+policy service when enabled), workers with the outbound dispatcher (threads here, or
+`[worker] processes` worker processes), scheduler and web portal — each role can be left out —
+started in dependency order and stopped in reverse, within `[service] stop_timeout_seconds`:
+every part is told at once, finishes the item in hand and hands the rest back."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -24,6 +26,7 @@ from mailbridge.receive import spool
 from mailbridge.receive.imap import ImapPoller
 from mailbridge.receive.lmtp import make_lmtp_controller
 from mailbridge.receive.policy import PolicyListener
+from mailbridge.receive.processes import WorkerProcesses
 from mailbridge.receive.smtp import make_controller, make_implicit_tls_controller
 from mailbridge.receive.tls import ServerCertificate
 from mailbridge.receive.worker import Worker, node_name
@@ -40,22 +43,38 @@ FILES_BESIDES_CONNECTIONS = 256
 
 
 class Service:
-    def __init__(self, runtime: Runtime, *, web: bool = True, scheduler: bool = True) -> None:
-        self.runtime = runtime
+    """The roles this node runs. `processes` > 0 runs the workers (spool worker and outbox
+    dispatcher) in that many worker processes, else as threads here; `role` names this
+    command's claims ("serve" or "worker"), so the two on one node never resume each other's
+    work."""
+
+    def __init__(self, runtime: Runtime, *, web: bool = True, scheduler: bool = True,
+                 smtp: bool = True, worker: bool = True, processes: int = 0,
+                 role: str = "serve") -> None:
         self.node = node_name(runtime)
+        self.processes = (WorkerProcesses(runtime.settings, self.node, processes, role)
+                          if worker and processes > 0 else None)
+        if self.processes:  # intake and the portal wake workers in other processes
+            runtime = dataclasses.replace(runtime, wake_worker=self.processes.wake_worker,
+                                          wake_dispatcher=self.processes.wake_dispatcher)
+        self.runtime = runtime
+        # Rows claimed by threads of this process go under this name.
+        self.claimer = self.node if role == "serve" else f"{self.node}/{role}0"
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mailbridge-smtp")
-        smtp = runtime.settings.smtp
-        self.certificate = ServerCertificate(smtp) if smtp.tls_cert_file else None
-        self.smtp = make_controller(runtime, self.executor, self.certificate)
+        settings = runtime.settings
+        self.certificate = (ServerCertificate(settings.smtp)
+                            if smtp and settings.smtp.tls_cert_file else None)
+        self.smtp = make_controller(runtime, self.executor, self.certificate) if smtp else None
         self.smtps = (make_implicit_tls_controller(runtime, self.executor, self.certificate)
-                      if self.certificate and smtp.implicit_tls_port else None)
-        self.lmtp = (make_lmtp_controller(runtime, self.executor) if runtime.settings.lmtp.enabled
-                     else None)
-        self.policy = PolicyListener(runtime) if runtime.settings.policy.enabled else None
-        self.worker = Worker(runtime, self.node)
-        self.imap = ImapPoller(runtime) if runtime.settings.imap.enabled else None
-        self.dispatcher = Dispatcher(runtime, make_mailer(runtime.settings), node=self.node,
-                                     on_failure=notify.mail_failed)
+                      if self.certificate and settings.smtp.implicit_tls_port else None)
+        self.lmtp = (make_lmtp_controller(runtime, self.executor)
+                     if smtp and settings.lmtp.enabled else None)
+        self.policy = PolicyListener(runtime) if smtp and settings.policy.enabled else None
+        threads = worker and not self.processes
+        self.worker = Worker(runtime, self.claimer) if threads else None
+        self.imap = ImapPoller(runtime) if smtp and settings.imap.enabled else None
+        self.dispatcher = (Dispatcher(runtime, make_mailer(settings), node=self.claimer,
+                                      on_failure=notify.mail_failed) if threads else None)
         self._jobs_stop = threading.Event()
         self.scheduler = build_scheduler(runtime, self._jobs_stop) if scheduler else None
         self.web = None
@@ -98,10 +117,15 @@ class Service:
             raise ConfigError(f"[database] url: schema version {version} is older than "
                               f"{schema.LATEST}; run `mailbridge db upgrade`")
         self._bind_smtp()
-        spool.recover(self.runtime, self.node)
-        outbox.recover(self.runtime, self.node)
-        self.worker.start()
-        self.dispatcher.start()
+        if self.worker or self.processes:
+            # This node's rows from its last run; worker processes resume their own at start.
+            spool.recover(self.runtime, self.claimer)
+            outbox.recover(self.runtime, self.claimer)
+        if self.processes:
+            self.processes.start()
+        if self.worker:
+            self.worker.start()
+            self.dispatcher.start()
         if self.scheduler:
             self.scheduler.start()
         if self.web:
@@ -120,6 +144,8 @@ class Service:
         """Every listener is bound before anything else starts (the portal's was bound in
         `__init__`), so a port already in use stops the start with nothing running. Mail
         accepted before the worker runs waits in the spool, as after any restart."""
+        if self.smtp is None:
+            return
         smtp = self.runtime.settings.smtp
         with listener("[smtp] port", smtp.host, smtp.port):
             self.smtp.start()
@@ -159,8 +185,8 @@ class Service:
                 raise
 
     @property
-    def smtp_port(self) -> int:
-        return self.smtp.server.sockets[0].getsockname()[1]
+    def smtp_port(self) -> int | None:
+        return self.smtp.server.sockets[0].getsockname()[1] if self.smtp else None
 
     def reload_tls(self) -> bool:
         """Read the SMTP certificate again (SIGHUP); False if it was kept."""
@@ -186,8 +212,11 @@ class Service:
         def left() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        self.worker.signal_stop()
-        self.dispatcher.signal_stop()
+        if self.worker:
+            self.worker.signal_stop()
+            self.dispatcher.signal_stop()
+        if self.processes:
+            self.processes.signal_stop()
         self._jobs_stop.set()
         if self.policy:
             self.policy.stop(min(2.0, left()))
@@ -195,20 +224,23 @@ class Service:
             self.lmtp.stop()
         if self.smtps:
             self.smtps.stop()
-        self.smtp.stop()
+        if self.smtp:
+            self.smtp.stop()
         ended = True
         if self.imap and not self.imap.stop(left()):
             log.warning("IMAP poller did not finish in time; its messages are taken again at "
                         "start")
             ended = False
         ended &= _within(lambda: self.executor.shutdown(wait=True), left(), "SMTP intake")
-        if not self.worker.stop(left()):
+        if self.worker and not self.worker.stop(left()):
             log.warning("worker did not finish in time; its message will be resumed at start")
+            ended = False
+        if self.processes and not self.processes.stop(left()):
             ended = False
         if self.scheduler:
             ended &= _within(lambda: self.scheduler.shutdown(wait=True), left(),
                              "scheduled jobs")
-        if not self.dispatcher.stop(left()):
+        if self.dispatcher and not self.dispatcher.stop(left()):
             log.warning("dispatcher did not finish in time; its e-mail is sent again at start")
             ended = False
         if self.web:

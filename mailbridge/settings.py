@@ -3,6 +3,7 @@ config.toml, with the defaults (`config.load_settings` fills and validates them)
 
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ class ShareSettings:
     remind_before_hours: float = 4.0  # 0, or not less than claim_hours: no reminder
     max_extend_hours: float = 168.0  # cap for `extend [hours]`
     allow_clinic_admins: bool = False  # admins of the sender's clinic may manage by reply too
+    access_request_hours: float = 72.0  # an unanswered request for access lapses after this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +186,10 @@ class WorkerSettings:
     # Database or storage trouble: the message waits (attempts not counted), back-off capped here.
     retry_max_seconds: float = 300.0
     poll_seconds: float = 5.0
+    # Worker processes beside the SMTP listener, each running the spool worker and the outbox
+    # dispatcher with its own database connections; 0: both run as threads inside `serve`.
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    batch: int = 4  # spooled messages a worker takes at once (other workers take the next ones)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +210,23 @@ class ImapSettings:
     failed_folder: str = "mailbridge/failed"
     poll_seconds: float = 60.0  # when the server does not offer IDLE
     batch_size: int = 50
+    # OAuth 2.0 (SASL XOAUTH2) instead of a password: Microsoft 365 refuses password IMAP.
+    auth: str = "password"  # "password" or "xoauth2"
+    oauth_provider: str = ""  # "microsoft" (client credentials) or "google"
+    oauth_tenant: str = ""  # Microsoft: the directory (tenant) ID or a verified domain
+    # Microsoft: the app registration's client ID; Google's refresh-token flow: the OAuth client.
+    oauth_client_id: str = ""
+    oauth_client_secret_env: str = "MAILBRIDGE_IMAP_OAUTH_CLIENT_SECRET"  # noqa: S105 - a name
+    oauth_client_secret_file: str = ""
+    # Google: a service account's key (JSON) with domain-wide delegation for the mailbox...
+    oauth_service_account_file: str = ""
+    # ...or, without one, a refresh token the mailbox's user granted to the OAuth client.
+    oauth_refresh_token_env: str = "MAILBRIDGE_IMAP_OAUTH_REFRESH_TOKEN"  # noqa: S105 - a name
+    oauth_refresh_token_file: str = ""
+    oauth_scope: str = ""  # empty: the provider's IMAP scope
+    oauth_authority: str = ""  # Microsoft; empty: https://login.microsoftonline.com/<tenant>
+    token_url: str = ""  # Google; empty: the key file's token_uri, else Google's
+    oauth_ca_file: str = ""  # CA certificates (PEM) for the token service instead of the system's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +238,22 @@ class MetricsSettings:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9464
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    # Where encrypted documents and spooled messages are kept: "local" (files under data_dir,
+    # the embedded default) or "database" (rows in [database], read by every node).
+    backend: str = "local"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DocumentSettings:
+    """How documents are handed out. A clinic's own `watermark` (`clinics set`) wins."""
+
+    # Every PDF page and image viewed or downloaded carries "Shared with <address> · <date> ·
+    # share <id>", stamped on the fly; the stored original is never changed.
+    watermark: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,6 +274,8 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     lmtp: LmtpSettings = field(default_factory=LmtpSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    documents: DocumentSettings = field(default_factory=DocumentSettings)
 
     @property
     def sharing_local(self) -> str:

@@ -91,6 +91,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("[shares] remind_before_hours: must be 0 (off) or more")
     if s.shares.max_extend_hours <= 0:
         raise ConfigError("[shares] max_extend_hours: must be more than 0")
+    if not 0 < s.shares.access_request_hours <= 24 * 30:
+        raise ConfigError("[shares] access_request_hours: must be more than 0 and at most 720")
     if s.retention.audit_retention_days < 0:
         raise ConfigError("[retention] audit_retention_days: must be 0 (kept for good) or more")
     for key in ("spool_days", "session_days", "code_days", "orphan_hours"):
@@ -114,10 +116,17 @@ def validate(s: Settings) -> None:
     if s.metrics.enabled and not s.metrics.host.strip():
         raise ConfigError("[metrics] host: required when [metrics] enabled = true (e.g. "
                           "\"127.0.0.1\")")
+    if s.storage.backend not in ("local", "database"):
+        raise ConfigError(f"[storage] backend: expected \"local\" or \"database\", got "
+                          f"{s.storage.backend!r}")
     if s.worker.lease_seconds <= 0:
         raise ConfigError("[worker] lease_seconds: must be more than 0")
     if s.worker.retry_max_seconds < s.worker.retry_base_seconds:
         raise ConfigError("[worker] retry_max_seconds: must be at least retry_base_seconds")
+    if not 0 <= s.worker.processes <= 256:
+        raise ConfigError("[worker] processes: must be from 0 (threads inside serve) to 256")
+    if not 1 <= s.worker.batch <= 100:
+        raise ConfigError("[worker] batch: must be from 1 to 100")
     _validate_smtp_tls(s.smtp)
     _validate_relay_tls(s.outbound.smtp)
     _validate_imap(s.imap)
@@ -173,6 +182,33 @@ def _validate_imap(imap: ImapSettings) -> None:
         for name in ("host", "username"):
             if not getattr(imap, name).strip():
                 raise ConfigError(f"[imap] {name}: required when [imap] enabled = true")
+    _validate_imap_oauth(imap)
+
+
+def _validate_imap_oauth(imap: ImapSettings) -> None:
+    if imap.auth not in ("password", "xoauth2"):
+        raise ConfigError(f"[imap] auth: expected \"password\" or \"xoauth2\", got {imap.auth!r}")
+    for key in ("oauth_authority", "token_url"):
+        value = getattr(imap, key)
+        if value and (urlsplit(value).scheme != "https" or not urlsplit(value).hostname):
+            raise ConfigError(f"[imap] {key}: expected an https:// URL, got {value!r}")
+    if imap.auth != "xoauth2":
+        return
+    if imap.oauth_provider == "microsoft":
+        if not imap.oauth_tenant.strip() and not imap.oauth_authority:
+            raise ConfigError("[imap] oauth_tenant: required with oauth_provider = "
+                              "\"microsoft\" (the directory (tenant) ID of the app registration)")
+        if not imap.oauth_client_id.strip():
+            raise ConfigError("[imap] oauth_client_id: required with oauth_provider = "
+                              "\"microsoft\" (the app registration's Application (client) ID)")
+    elif imap.oauth_provider == "google":
+        if not imap.oauth_service_account_file and not imap.oauth_client_id.strip():
+            raise ConfigError("[imap] oauth_service_account_file: required with oauth_provider ="
+                              " \"google\" (a service account key with domain-wide delegation),"
+                              " unless oauth_client_id and a refresh token are given")
+    else:
+        raise ConfigError(f"[imap] oauth_provider: expected \"microsoft\" or \"google\" with "
+                          f"auth = \"xoauth2\", got {imap.oauth_provider!r}")
 
 
 # --- secrets -------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ listen = 127.0.0.1
 ssl = {ssl}
 {ssl_files}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 log_path = {d}/dovecot.log
 # No stats process: a login process waiting for it would delay every stop by seconds.
 stats_writer_socket_path =
@@ -95,7 +95,7 @@ service imap-login {{
 service anvil {{
   chroot =
 }}
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = scheme=SHA512-CRYPT {d}/passwd
 }}
@@ -110,10 +110,12 @@ class Dovecot:
     """`with Dovecot(tls=True) as server:`; `server.port` speaks IMAP (with STARTTLS when
     `tls`), `server.imaps_port` implicit TLS (0 without `tls`); `server.ca_file` is the
     self-signed certificate to trust. `capabilities` replaces what the server announces
-    (e.g. without IDLE or MOVE, to exercise the fallbacks)."""
+    (e.g. without IDLE or MOVE, to exercise the fallbacks). `oauth2_introspection_url` adds
+    SASL XOAUTH2/OAUTHBEARER checked by Dovecot's oauth2 passdb, which POSTs each token to
+    that RFC 7662 endpoint and lets the login in when it answers active for that user."""
 
     def __init__(self, *, users=("share@example.test",), spare: int = 0, tls: bool = False,
-                 capabilities: str | None = None) -> None:
+                 capabilities: str | None = None, oauth2_introspection_url: str = "") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mailbridge-dovecot-"))
         self.dir.chmod(0o755)  # the dovecot user must reach the mail directories
         self._spare = [f"share{n}@example.test" for n in range(spare, 0, -1)]
@@ -121,6 +123,7 @@ class Dovecot:
         self._hash: str | None = None
         self.tls = tls
         self.capabilities = capabilities
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.port = free_port()
         self.imaps_port = free_port() if tls else 0
         self.ca_file = self.dir / "cert.pem"
@@ -178,10 +181,21 @@ class Dovecot:
                            check=True, capture_output=True)
             ssl_files = f"ssl_cert = <{self.ca_file}\nssl_key = <{key}"
         capability = f"imap_capability = {self.capabilities}" if self.capabilities else ""
+        mechanisms = passdb = ""
+        if self.oauth2_introspection_url:
+            mechanisms = " xoauth2 oauthbearer\n# A refused token answers at once (tests).\n" \
+                         "auth_failure_delay = 0"
+            (self.dir / "oauth2.conf").write_text(
+                "introspection_mode = post\n"
+                f"introspection_url = {self.oauth2_introspection_url}\n"
+                "username_attribute = username\nactive_attribute = active\n"
+                "active_value = true\n")
+            passdb = ("passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+                      f"  args = {self.dir}/oauth2.conf\n}}\n")
         (self.dir / "dovecot.conf").write_text(CONFIG.format(
             d=self.dir, ssl="yes" if self.tls else "no", ssl_files=ssl_files,
             uid=dovecot.pw_uid, capability=capability, port=self.port,
-            imaps_port=self.imaps_port))
+            imaps_port=self.imaps_port, oauth2_mechanisms=mechanisms, oauth2_passdb=passdb))
 
     def start(self, timeout: float = 10.0) -> None:
         # Not a pipe: the daemon keeps inherited descriptors open, so a pipe never ends.

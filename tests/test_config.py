@@ -45,6 +45,7 @@ def test_shipped_config_toml_loads_with_every_contract_key():
     assert (s.web.host, s.web.port) == ("127.0.0.1", 8080)
     assert (s.metrics.enabled, s.metrics.host, s.metrics.port) == (True, "127.0.0.1", 9464)
     assert s.shares.claim_hours == 24
+    assert s.shares.access_request_hours == 72
     assert s.senders.require_authentication is True
     assert s.senders.trusted_authserv_ids == ()
 
@@ -94,6 +95,9 @@ def test_settings_are_frozen(tmp_path):
     (MINIMAL, {"MAILBRIDGE_ADDRESSES_SHARING": "not-an-address"}, "[addresses] sharing"),
     (MINIMAL, {"MAILBRIDGE_DATABASE_URL": "mysql://x"}, "[database] url"),
     (MINIMAL, {"MAILBRIDGE_SHARES_CLAIM_HOURS": "0"}, "[shares] claim_hours"),
+    (MINIMAL, {"MAILBRIDGE_SHARES_ACCESS_REQUEST_HOURS": "0"}, "[shares] access_request_hours"),
+    (MINIMAL, {"MAILBRIDGE_SHARES_ACCESS_REQUEST_HOURS": "721"},
+     "[shares] access_request_hours"),
     (MINIMAL, {"MAILBRIDGE_SENDERS_REQUIRE_AUTHENTICATION": "maybe"},
      "[senders] require_authentication"),
     (MINIMAL + "\n[smtp]\nprot = 25\n", {}, "[smtp] prot"),
@@ -240,3 +244,13 @@ def test_mta_listener_mistakes_name_the_key(tmp_path, extra, key):
 def test_an_lmtp_socket_path_is_relative_to_the_config_file(tmp_path):
     s = load_settings(write(tmp_path, MINIMAL + '\n[lmtp]\nsocket = "run/lmtp.sock"\n'), env={})
     assert s.lmtp.socket == str(tmp_path / "run" / "lmtp.sock")
+
+
+def test_storage_backend_is_local_unless_set_and_checked(tmp_path):
+    assert load_settings(write(tmp_path, MINIMAL), env={}).storage.backend == "local"
+    shared = load_settings(write(tmp_path, MINIMAL + '\n[storage]\nbackend = "database"\n'),
+                           env={})
+    assert shared.storage.backend == "database"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, MINIMAL), env={"MAILBRIDGE_STORAGE_BACKEND": "s3"})
+    assert str(info.value).startswith("[storage] backend")

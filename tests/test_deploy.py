@@ -113,7 +113,6 @@ def test_service_runs_serve():
     assert exec_command(SERVICE) == ["serve"] and "serve" in cli.commands
 
 
-@pytest.mark.xfail(strict=True, reason="needs the `mailbridge worker` command (scale-out)")
 def test_worker_unit_runs_an_existing_command():
     from mailbridge.cli import cli
 

@@ -20,6 +20,8 @@ from mailbridge.cli import (
     setup,
     shares,
     spool,
+    storage,
+    worker,
 )
 from mailbridge.cli.context import Context, pass_ctx
 from mailbridge.config import ConfigError
@@ -43,6 +45,7 @@ def cli(ctx: click.Context, config_path: str) -> None:
 cli.add_command(setup.init)
 cli.add_command(setup.db)
 cli.add_command(serve.serve)
+cli.add_command(worker.worker)
 cli.add_command(policy.policy)
 cli.add_command(audit.audit_group)
 cli.add_command(backup.backup_command)
@@ -53,6 +56,7 @@ cli.add_command(shares.shares)
 cli.add_command(spool.spool_group)
 cli.add_command(jobs.jobs_group)
 cli.add_command(imap.imap_group)
+cli.add_command(storage.storage_group)
 
 
 def main() -> None:

@@ -49,8 +49,9 @@ def progress_bar(total: int, label: str):
 def backup_command(ctx: Context, dest: Path) -> None:
     """Write a consistent backup to DEST (a new or empty folder) while the service runs: the
     SQLite database (online backup), the encrypted documents and spool, and a manifest with
-    checksums. Never the master key. On PostgreSQL, the blobs only: dump the database with
-    pg_dump first (see the README)."""
+    checksums. Never the master key. On PostgreSQL, the blob files only: dump the database
+    with pg_dump first (see the README); with [storage] backend = "database" the dump holds
+    the documents too."""
     runtime = ctx.ready_runtime()
     settings = ctx.settings
     source = backup.Source(sqlite_path=settings.sqlite_path, blob_roots=blob_roots(settings))
@@ -67,7 +68,12 @@ def backup_command(ctx: Context, dest: Path) -> None:
     if summary.missing:
         click.echo(f"note: {len(summary.missing)} file(s) the database named were deleted by "
                    "the purge while the backup ran; nothing else is missing", err=True)
-    if settings.sqlite_path is None:
+    if settings.sqlite_path is None and settings.storage.backend == "database":
+        click.echo("the database is PostgreSQL and holds the documents and spool ([storage] "
+                   "backend = \"database\"): this backup holds only files not moved there; "
+                   "dump the database: pg_dump --format=custom --file=mailbridge.dump "
+                   "<your [database] url>")
+    elif settings.sqlite_path is None:
         click.echo("the database is PostgreSQL: this backup holds the documents and spool only;"
                    " dump the database too: pg_dump --format=custom --file=mailbridge.dump "
                    "<your [database] url>")

@@ -30,6 +30,9 @@ def policy_options(command):
                                             'PT" ("Riverside PT via mailbridge").'),
         click.option("--legal-hold/--no-legal-hold", default=None,
                      help="While on, nothing of the clinic's is purged."),
+        click.option("--watermark", type=click.Choice(["on", "off", "configuration"]),
+                     help="PDF pages and images handed out carry the recipient's address, "
+                          "the date and the share; configuration: [documents] watermark."),
     ]):
         command = option(command)
     return command
@@ -129,3 +132,4 @@ def _show(ctx: Context, clinic: Clinic) -> None:
     click.echo(f"contact: {rules.contact or '(none)'}")
     click.echo(f"display name: {rules.display_name}")
     click.echo(f"legal hold: {'on' if rules.legal_hold else 'off'}")
+    click.echo(f"watermark: {'on' if rules.watermark else 'off'}{origin(clinic.watermark)}")

@@ -30,7 +30,10 @@ def imap_check(ctx: Context) -> None:
     except ImapProblem as exc:
         click.echo(f"mailbridge imap check: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"connected to {imap.host}:{imap.port} ({imap.security}) as {imap.username}")
+    how = ("" if imap.auth != "xoauth2" else
+           f", XOAUTH2 with a token from {imap.oauth_provider.capitalize()}")
+    click.echo(f"connected to {imap.host}:{imap.port} ({imap.security}{how}) as "
+               f"{imap.username}")
     click.echo("capabilities: " + " ".join(report.capabilities))
     click.echo(f"{report.folders.watch}: {report.waiting} message(s) waiting")
     for name in report.created:

@@ -1,5 +1,5 @@
-"""`mailbridge serve`: run every part of the service until SIGTERM or Ctrl-C; SIGHUP reloads
-the SMTP TLS certificate."""
+"""`mailbridge serve`: run every part of the service (or the roles not left out) until SIGTERM
+or Ctrl-C; SIGHUP reloads the SMTP TLS certificate."""
 
 from __future__ import annotations
 
@@ -16,14 +16,37 @@ from mailbridge.logs import configure_logging
 
 
 @click.command()
+@click.option("--no-smtp", is_flag=True,
+              help="No intake here: no SMTP listener (nor LMTP, policy service, IMAP poller).")
+@click.option("--no-worker", is_flag=True,
+              help="No workers here (spool worker and outbox dispatcher): another node's "
+                   "`mailbridge worker` or `serve` processes the mail.")
+@click.option("--no-web", is_flag=True, help="No portal here (e.g. it runs under gunicorn).")
+@click.option("--no-scheduler", is_flag=True,
+              help="No scheduled jobs here (expiry, reminders, summaries, purge).")
+@click.option("--processes", type=click.IntRange(0, 256), default=None,
+              help="Worker processes; default [worker] processes (0: threads in this process).")
 @pass_ctx
-def serve(ctx: Context) -> None:
-    """Run SMTP intake, worker, outbound dispatcher, scheduler and web portal."""
-    from mailbridge.outbound.mailer import is_loopback, phi_in_clear_refused
-    from mailbridge.service import Service, raise_open_file_limit
+def serve(ctx: Context, no_smtp: bool, no_worker: bool, no_web: bool, no_scheduler: bool,
+          processes: int | None) -> None:
+    """Run SMTP intake, workers (spool and outbound dispatcher), scheduler and web portal."""
+    from mailbridge.service import Service
 
     settings = ctx.settings
     configure_logging(settings.service.log_level)
+    if no_smtp and no_worker and no_web and no_scheduler:
+        raise click.UsageError("every role is left out: nothing to run")
+    count = settings.worker.processes if processes is None else processes
+    service = Service(ctx.ready_runtime(), smtp=not no_smtp, worker=not no_worker,
+                      web=not no_web, scheduler=not no_scheduler, processes=count)
+    run_until_stopped(settings, service)
+
+
+def run_until_stopped(settings, service) -> None:
+    """Start `service`, say what runs where, and stop it on SIGTERM or Ctrl-C."""
+    from mailbridge.outbound.mailer import is_loopback, phi_in_clear_refused
+    from mailbridge.service import raise_open_file_limit
+
     log = logging.getLogger("mailbridge")
     if not settings.senders.require_authentication:
         log.warning("!" * 72)
@@ -44,7 +67,6 @@ def serve(ctx: Context) -> None:
         log.warning("[web] connection_limit = %d needs about %d open files, but this process "
                     "may open only %d (raise `ulimit -n` / LimitNOFILE)",
                     settings.web.connection_limit, wanted, files)
-    service = Service(ctx.ready_runtime())
     # SimpleQueue.put is safe in a signal handler (no lock the interrupted code could hold).
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -53,17 +75,26 @@ def serve(ctx: Context) -> None:
     tls = ""
     if service.certificate:
         tls = " (STARTTLS required)" if settings.smtp.require_tls else " (STARTTLS offered)"
-    click.echo(f"mailbridge: SMTP intake on {settings.smtp.host}:{service.smtp_port} "
-               f"for {settings.addresses.sharing}{tls}")
+    if service.smtp:
+        click.echo(f"mailbridge: SMTP intake on {settings.smtp.host}:{service.smtp_port} "
+                   f"for {settings.addresses.sharing}{tls}")
     if service.smtps:
         click.echo(f"mailbridge: SMTP intake with implicit TLS on {settings.smtp.host}:"
                    f"{settings.smtp.implicit_tls_port}")
-    click.echo(f"mailbridge: portal on http://{settings.web.host}:{service.web_port}/ "
-               f"(links use {settings.service.base_url})")
+    if service.web:
+        click.echo(f"mailbridge: portal on http://{settings.web.host}:{service.web_port}/ "
+                   f"(links use {settings.service.base_url})")
+    if service.processes:
+        click.echo(f"mailbridge: {len(service.processes.ids)} worker process(es) "
+                   f"(pids {' '.join(map(str, service.processes.pids()))})")
+    elif service.worker:
+        click.echo("mailbridge: worker and outbound dispatcher in this process")
+    if not service.scheduler:
+        click.echo("mailbridge: no scheduled jobs here")
     if service.metrics_server:
         click.echo(f"mailbridge: metrics on http://{settings.metrics.host}:"
                    f"{service.metrics_port}/metrics")
-    if settings.imap.enabled:
+    if service.imap:
         click.echo(f"mailbridge: IMAP intake from the folder {settings.imap.folder} at "
                    f"{settings.imap.host}:{settings.imap.port}")
     if settings.outbound.transport == "maildir":

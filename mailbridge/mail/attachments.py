@@ -155,3 +155,10 @@ def _is_inline_image(part: email.message.Message, data: bytes, inline_ids: set[s
         return False
     return (content_type(part).startswith("image/")
             or detect_kind(data) in ("png", "jpeg", "gif", "tiff", "heic"))
+
+
+def uploaded_file(name: str, data: bytes, limits: LimitSettings,
+                  number: int) -> Attachment | Reject:
+    """A file uploaded in the portal (a document sent back), under intake's own rules: size
+    and type by content, the name made safe."""
+    return _checked_file(name, data, limits, number)

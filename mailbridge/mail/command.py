@@ -13,7 +13,7 @@ from mailbridge.mail.mime import part_text
 from mailbridge.mail.text import body_part, is_html
 from mailbridge.mail.visible import visible_lines
 
-COMMANDS = frozenset({"revoke", "status", "resend", "extend", "help"})
+COMMANDS = frozenset({"revoke", "status", "resend", "extend", "help", "approve", "deny"})
 
 # The command sits at the very top; nothing further down is ever needed.
 MAX_SCAN_CHARS = 64 * 1024
@@ -57,7 +57,7 @@ _HOURS = re.compile(
 
 @dataclass(frozen=True)
 class Command:
-    name: str  # revoke | status | resend | extend | help
+    name: str  # revoke | status | resend | extend | help | approve | deny
     argument: str = ""
     recognised: bool = True
 
@@ -146,7 +146,7 @@ def parse_command(line: str | None) -> Command:
     rest = words[1].strip(_STRIP_AROUND) if len(words) > 1 else ""
     if name not in COMMANDS:
         return UNRECOGNISED
-    if name in ("revoke", "resend"):
+    if name in ("revoke", "resend", "approve", "deny"):
         return Command(name, _address_argument(rest))
     if name == "extend":
         return Command(name, _hours_argument(rest))

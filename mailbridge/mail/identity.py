@@ -17,7 +17,6 @@ from mailbridge.mail.mime import header_end, header_text
 
 _SLICE = 1 << 20
 _WSP_RUN = re.compile(rb"[ \t]+")
-_LINE_END = re.compile(rb" ?\r?\n")
 
 
 def message_keys(raw: bytes, message: EmailMessage) -> list[str]:
@@ -77,7 +76,7 @@ def relaxed_body_digest(raw: bytes):
             # run of blanks or CRLF is split between two slices.
             cut = data.rfind(b"\n") + 1 or len(data.rstrip(b" \t\r"))
             data, carry = data[:cut], data[cut:]
-        text = _LINE_END.sub(b"\n", _WSP_RUN.sub(b" ", data))
+        text = _canonical_lines(data)
         if final:
             text = text.rstrip(b" \r")
         content = text.rstrip(b"\n")
@@ -91,6 +90,15 @@ def relaxed_body_digest(raw: bytes):
     if written:
         digest.update(b"\n")
     return digest
+
+
+def _canonical_lines(data: bytes) -> bytes:
+    """Runs of blanks as one space, none before a line end, CRLF as LF. The same as the
+    regular expressions `[ \t]+` -> " " then ` ?\r?\n` -> LF, done with bytes.replace where
+    it can: the regex over a base64 body was most of a share's time in the worker."""
+    if b"\t" in data or b"  " in data:
+        data = _WSP_RUN.sub(b" ", data)
+    return data.replace(b"\r\n", b"\n").replace(b" \n", b"\n")
 
 
 def _digest(value: bytes) -> str:

@@ -28,7 +28,8 @@ NOTICE_CODES = frozenset(Notice)
 
 # Answers to a member's reply command, by command name.
 COMMAND_TEMPLATES = {"revoke": "command_revoke.txt", "resend": "command_resend.txt",
-                     "extend": "command_extend.txt", "status": "status.txt", "help": "help.txt"}
+                     "extend": "command_extend.txt", "status": "status.txt", "help": "help.txt",
+                     "approve": "command_access.txt", "deny": "command_access.txt"}
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,18 @@ def recipient_revoked_email(settings: Settings, *, to: str, clinic_name: str, se
     values = dict(to=to, clinic_name=_one_line(clinic_name), sender_name=_one_line(sender_name),
                   contact=_one_line(contact))
     subject, text = _render_text(settings, templates, "revoked_recipient.txt", values)
+    return _message(settings, to=to, subject=subject, text=text, now=now,
+                    from_name=f"{values['clinic_name']} via {service_name(settings)}")
+
+
+def access_refused_email(settings: Settings, *, to: str, clinic_name: str, sender_name: str,
+                         contact: str = "", templates: Path | None = None,
+                         now: dt.datetime | None = None) -> EmailMessage:
+    """Tells someone who asked for access through a forwarded link that the sender said no.
+    No PHI, like the link e-mail."""
+    values = dict(to=to, clinic_name=_one_line(clinic_name), sender_name=_one_line(sender_name),
+                  contact=_one_line(contact))
+    subject, text = _render_text(settings, templates, "access_refused.txt", values)
     return _message(settings, to=to, subject=subject, text=text, now=now,
                     from_name=f"{values['clinic_name']} via {service_name(settings)}")
 

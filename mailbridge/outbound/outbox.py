@@ -7,8 +7,11 @@ import datetime as dt
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from email.message import EmailMessage
+
+from peewee import Case
 
 from mailbridge.runtime import Runtime, derive_key
 from mailbridge.store import queue
@@ -163,3 +166,52 @@ def _aad(message_id: str, to_addr: str) -> bytes:
 def _clip(error: str) -> str:
     # Callers pass relay responses and error classes, never message content.
     return " ".join(error.split())[:MAX_ERROR_CHARS]
+
+
+# --- many at once (the jobs' reminders and summaries) ---------------------------------------
+
+INSERT_PAGE = 500  # rows per INSERT (SQLite allows 32766 bound values; a row binds 12)
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One e-mail for `enqueue_many`: what `enqueue` takes, for a row of a batch."""
+
+    msg: EmailMessage
+    kind: str
+    to_addr: str
+    share: int | None = None
+    grant: int | None = None
+
+
+def enqueue_many(runtime: Runtime, items: Sequence[Queued]) -> int:
+    """`enqueue` for a batch, in the caller's transaction: the rows in multi-row INSERTs, then
+    the VERP return paths (which need the ids) in one UPDATE per page. Returns the count."""
+    now = runtime.clock()
+    sender = runtime.settings.outbound.from_
+    rows = []
+    for item in items:
+        message_id = str(item.msg["Message-ID"] or "")
+        if not message_id:
+            raise ValueError("an outbound message needs a Message-ID")
+        raw = item.msg.as_bytes(policy=item.msg.policy.clone(linesep="\r\n"))
+        rows.append(dict(created_at=now, kind=item.kind, share=item.share, grant=item.grant,
+                         to_addr=item.to_addr, envelope_from=sender, message_id=message_id,
+                         sealed=seal(runtime.outbox_key, raw, _aad(message_id, item.to_addr)),
+                         state=Outbound.QUEUED, attempts=0, next_attempt_at=now))
+    verp = []
+    for start in range(0, len(rows), INSERT_PAGE):
+        page = rows[start:start + INSERT_PAGE]
+        created = (OutboundMessage.insert_many(page)
+                   .returning(OutboundMessage.id, OutboundMessage.message_id).tuples().execute())
+        # Matched by Message-ID: RETURNING does not promise the order of the VALUES.
+        kinds = {row["message_id"]: row["kind"] for row in page}
+        verp += [row_id for row_id, message_id in created if kinds[message_id] in VERP_MAIL]
+    for start in range(0, len(verp), INSERT_PAGE):
+        ids = verp[start:start + INSERT_PAGE]
+        (OutboundMessage
+         .update(envelope_from=Case(OutboundMessage.id,
+                                    [(row_id, verp_address(runtime, row_id)) for row_id in ids]))
+         .where(OutboundMessage.id.in_(ids)).execute())
+    return len(rows)
+

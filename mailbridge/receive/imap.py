@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from imapclient import IMAPClient
 
 from mailbridge.config import read_imap_password
+from mailbridge.receive import imap_oauth
 from mailbridge.receive import imap_session as session
 from mailbridge.receive.imap_intake import Mailbox, Verdict, take, uidvalidity_changed
 from mailbridge.runtime import Runtime
@@ -192,9 +193,17 @@ def mailbox_of(imap: ImapSettings) -> Mailbox:
     return Mailbox(imap.username, imap.host, imap.folder.strip().strip("/"))
 
 
-def open_session(settings: Settings) -> tuple[IMAPClient, session.Folders]:
+def login(settings: Settings, tokens: imap_oauth.TokenSource | None = None) -> IMAPClient:
+    """Logged in with the password, or with a token (`tokens`: kept across reconnects)."""
+    if settings.imap.auth == "xoauth2":
+        return session.connect(settings.imap, tokens=tokens or imap_oauth.token_source(settings))
+    return session.connect(settings.imap, read_imap_password(settings))
+
+
+def open_session(settings: Settings, tokens: imap_oauth.TokenSource | None = None
+                 ) -> tuple[IMAPClient, session.Folders]:
     """Logged in, with the processed and failed folders in place."""
-    client = session.connect(settings.imap, read_imap_password(settings))
+    client = login(settings, tokens)
     try:
         folders = session.resolve_folders(client, settings.imap)
         session.ensure_folders(client, folders)
@@ -240,6 +249,7 @@ class ImapPoller:
         self.totals = PassStats()  # since start, across reconnects
         self._stop = threading.Event()
         self._outage = False
+        self._tokens: imap_oauth.TokenSource | None = None  # one per poller: reused
         self._thread = threading.Thread(target=self.run, name="mailbridge-imap", daemon=True)
 
     def start(self) -> None:
@@ -258,7 +268,9 @@ class ImapPoller:
         while not self._stop.is_set():
             client = None
             try:
-                client, folders = open_session(self.runtime.settings)
+                if self._tokens is None and imap.auth == "xoauth2":
+                    self._tokens = imap_oauth.token_source(self.runtime.settings)
+                client, folders = open_session(self.runtime.settings, self._tokens)
                 self._serve(client, folders)
             except Exception as exc:
                 if self._stop.is_set():
@@ -339,7 +351,7 @@ def check(settings: Settings) -> CheckReport:
     folders if missing. Raises ImapProblem (plain language, naming the key)."""
     imap = settings.imap
     try:
-        client = session.connect(imap, read_imap_password(settings))
+        client = login(settings)
     except Exception as exc:
         raise session.explain(exc, imap) from None
     try:
@@ -363,6 +375,7 @@ def check(settings: Settings) -> CheckReport:
         warnings.append("the server offers neither MOVE nor UIDPLUS: moving a message out "
                         "also expunges messages others flagged \\Deleted in the folder")
     if imap.security == "none" and imap.host not in ("127.0.0.1", "::1", "localhost"):
-        warnings.append("[imap] security = \"none\": the password and the mail cross the "
+        secret = "the token" if imap.auth == "xoauth2" else "the password"
+        warnings.append(f"[imap] security = \"none\": {secret} and the mail cross the "
                         "network unencrypted")
     return CheckReport(capabilities, folders, waiting, created, tuple(warnings))

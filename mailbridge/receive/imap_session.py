@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import CapabilityError, IMAPClientAbortError, IMAPClientError, LoginError
@@ -26,6 +28,12 @@ class ImapProblem(Exception):
         super().__init__(f"{key}: {text}")
         self.key = key
         self.text = text
+
+
+class Tokens(Protocol):
+    """Where OAuth access tokens come from (receive/imap_oauth.TokenSource)."""
+
+    def token(self, fresh: bool = False) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -49,16 +57,41 @@ def tls_context(imap: ImapSettings) -> ssl.SSLContext:
     return context
 
 
-def connect(imap: ImapSettings, password: str) -> IMAPClient:
-    """A logged-in client; raises ImapProblem."""
+def connect(imap: ImapSettings, password: str = "", tokens: Tokens | None = None
+            ) -> IMAPClient:
+    """A logged-in client, with the password or (`[imap] auth = "xoauth2"`) a token from
+    `tokens`; raises ImapProblem."""
     if not imap.host.strip():
         raise ImapProblem("[imap] host", "not set")
     if not imap.username.strip():
         raise ImapProblem("[imap] username", "not set")
+    if imap.auth == "xoauth2":
+        if tokens is None:
+            raise ImapProblem("[imap] auth", "xoauth2 needs a token source")
+        try:
+            return _open(imap, lambda client: client.oauth2_login(imap.username,
+                                                                  tokens.token()))
+        except LoginError:
+            pass  # a token revoked or rotated before its expiry: once more with a new one
+        except Exception as exc:
+            raise explain(exc, imap) from None
+        try:
+            return _open(imap, lambda client: client.oauth2_login(imap.username,
+                                                                  tokens.token(fresh=True)))
+        except Exception as exc:
+            raise explain(exc, imap) from None
     if not password:
         raise ImapProblem("[imap] password_env / password_file",
                           f"no password: set the environment variable {imap.password_env} or "
                           "name a file in [imap] password_file")
+    try:
+        return _open(imap, lambda client: client.login(imap.username, password))
+    except Exception as exc:
+        raise explain(exc, imap) from None
+
+
+def _open(imap: ImapSettings, login: Callable[[IMAPClient], object]) -> IMAPClient:
+    """Connected (TLS as configured) and logged in by `login`; raises what went wrong."""
     context = tls_context(imap) if imap.security != "none" else None
     client = None
     try:
@@ -71,11 +104,11 @@ def connect(imap: ImapSettings, password: str) -> IMAPClient:
                                   f"{imap.host}:{imap.port} does not offer STARTTLS; use "
                                   "security = \"tls\" (usually port 993)")
             client.starttls(context)
-        client.login(imap.username, password)
-    except Exception as exc:
+        login(client)
+    except BaseException:
         if client is not None:
             close(client)
-        raise explain(exc, imap) from None
+        raise
     return client
 
 
@@ -102,6 +135,8 @@ def explain(exc: BaseException, imap: ImapSettings) -> ImapProblem:
         return ImapProblem("[imap] host / port", f"{where} refused the connection")
     if isinstance(exc, TimeoutError | socket.timeout):
         return ImapProblem("[imap] host / port", f"no answer from {where} in time")
+    if isinstance(exc, LoginError) and imap.auth == "xoauth2":
+        return _token_refused(imap, where, _server_text(exc))
     if isinstance(exc, LoginError):
         return ImapProblem("[imap] username / password_env",
                            f"{where} refused the login for {imap.username} "
@@ -116,6 +151,20 @@ def explain(exc: BaseException, imap: ImapSettings) -> ImapProblem:
     if isinstance(exc, IMAPClientError):
         return ImapProblem("[imap] host", f"{where} answered with an error ({_server_text(exc)})")
     return ImapProblem("[imap]", f"unexpected {type(exc).__name__} while talking to {where}")
+
+
+def _token_refused(imap: ImapSettings, where: str, server_text: str) -> ImapProblem:
+    """The server refused a token the token service had just issued (the second try)."""
+    if imap.oauth_provider == "microsoft":
+        return ImapProblem("[imap] username / oauth_client_id",
+                           f"{where} refused the token for {imap.username} ({server_text}): "
+                           "the app needs the IMAP.AccessAsApp permission (admin consent), a "
+                           "service principal in Exchange Online and FullAccess to this mailbox "
+                           "(Add-MailboxPermission); see docs/deploy/imap-oauth.md")
+    return ImapProblem("[imap] username / oauth_service_account_file",
+                       f"{where} refused the token for {imap.username} ({server_text}): IMAP "
+                       "must be on for the user and the token's scope https://mail.google.com/;"
+                       " see docs/deploy/imap-oauth.md")
 
 
 def _server_text(exc: BaseException) -> str:

@@ -93,6 +93,9 @@ class IntakeHandler:
     def __init__(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
         self.runtime = runtime
         self.executor = executor
+        # Concurrent sessions' rows share one commit (one fsync); each still answers 250 only
+        # once its own row is committed, and 451 if that group's commit failed.
+        self.spool = spool.GroupCommit(runtime)
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         """Past its hourly budget a client (or envelope sender) is asked to come back later,
@@ -171,9 +174,8 @@ class IntakeHandler:
                                   ip_exempt=exempt, incoming_bytes=len(raw)):
                 log.info("smtp: a client is over its hourly budget; answered 451")
                 return limits.OVER_BUDGET
-            row = spool.enqueue(self.runtime, trace + raw, channel=self.channel,
-                                envelope_from=mail_from,
-                                envelope_to=rcpt_tos, client_ip=client, protocol=proto)
+            row = self.spool.enqueue(trace + raw, channel=self.channel, envelope_from=mail_from,
+                                     envelope_to=rcpt_tos, client_ip=client, protocol=proto)
         except StorageFull:
             log.error("smtp: spool storage is full; answered 452")
             return DISK_FULL

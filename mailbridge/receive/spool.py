@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import threading
+from dataclasses import dataclass
 
 from mailbridge.runtime import Runtime
 from mailbridge.store import queue, sealed
@@ -31,18 +33,106 @@ def enqueue(runtime: Runtime, raw: bytes, *, channel: str, envelope_from: str,
              "finished_at": now} if unreadable else {"state": Inbound.QUEUED}
     try:
         with runtime.db.atomic():
-            row = InboundMessage.create(
-                received_at=now, channel=channel, envelope_from=envelope_from,
-                envelope_to=list(envelope_to), client_ip=client_ip, protocol=protocol,
-                size=len(raw), blob_id=blob.blob_id,
-                blob_key=blob.wrapped_key, raw_sha256=hashlib.sha256(raw).hexdigest(),
-                source_key=source_key, next_attempt_at=now, **final)
+            row = InboundMessage.create(**_row_values(raw, blob, now, channel=channel,
+                                                      envelope_from=envelope_from,
+                                                      envelope_to=envelope_to,
+                                                      client_ip=client_ip, protocol=protocol,
+                                                      source_key=source_key), **final)
     except BaseException:
         runtime.spool.delete(blob.blob_id)
         raise
     if not unreadable:
         runtime.wake_worker.set()
     return row
+
+
+def _row_values(raw: bytes, blob, now: dt.datetime, *, channel: str, envelope_from: str,
+                envelope_to: list[str], client_ip: str, protocol: str,
+                source_key: str | None = None) -> dict:
+    return dict(received_at=now, channel=channel, envelope_from=envelope_from,
+                envelope_to=list(envelope_to), client_ip=client_ip, protocol=protocol,
+                size=len(raw), blob_id=blob.blob_id, blob_key=blob.wrapped_key,
+                raw_sha256=hashlib.sha256(raw).hexdigest(), source_key=source_key,
+                next_attempt_at=now)
+
+
+@dataclass
+class _Waiting:
+    """One message's row, waiting for the group it will be committed with."""
+
+    values: dict
+    row: InboundMessage | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class GroupCommit:
+    """Spool rows of concurrent SMTP/LMTP messages committed together: one transaction, so
+    one fsync, for every row that arrived while the previous commit was under way.
+
+    No thread of its own: the first caller that finds no commit running leads — it commits
+    every row waiting then, its own and the others' — while the rest wait. Each caller
+    returns only once its own row is committed; if the group's commit fails, every caller
+    of that group gets the error (and answers 451) and its raw message is deleted."""
+
+    def __init__(self, runtime: Runtime, *, max_rows: int = 64) -> None:
+        self.runtime = runtime
+        self.max_rows = max_rows
+        self._cond = threading.Condition()
+        self._waiting: list[_Waiting] = []
+        self._leading = False
+
+    def enqueue(self, raw: bytes, *, channel: str, envelope_from: str, envelope_to: list[str],
+                client_ip: str = "", protocol: str = "") -> InboundMessage:
+        """Like `enqueue`: stored and committed (with others) when it returns, else raises."""
+        runtime = self.runtime
+        blob = put_bytes(runtime.spool, raw)  # encrypted and fsync'd by each thread itself
+        mine = _Waiting(_row_values(raw, blob, runtime.clock(), channel=channel,
+                                    envelope_from=envelope_from, envelope_to=envelope_to,
+                                    client_ip=client_ip, protocol=protocol))
+        try:
+            self._wait_for_commit(mine)
+        except BaseException:
+            runtime.spool.delete(blob.blob_id)
+            raise
+        runtime.wake_worker.set()
+        assert mine.row is not None
+        return mine.row
+
+    def _wait_for_commit(self, mine: _Waiting) -> None:
+        with self._cond:
+            self._waiting.append(mine)
+            while not mine.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                group = self._waiting[:self.max_rows]
+                del self._waiting[:self.max_rows]
+                self._cond.release()
+                try:
+                    self._commit(group)
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    self._cond.notify_all()
+        if mine.error is not None:
+            raise mine.error
+
+    def _commit(self, group: list[_Waiting]) -> None:
+        try:
+            with self.runtime.db.atomic():
+                rows = [InboundMessage.create(state=Inbound.QUEUED, **w.values) for w in group]
+        except BaseException as exc:
+            log.debug("spool: a commit of %d message(s) failed", len(group))
+            for waiting in group:
+                waiting.error, waiting.done = exc, True
+            if not isinstance(exc, Exception):
+                raise
+            return
+        log.debug("spool: %d message(s) committed in one transaction", len(group))
+        for waiting, row in zip(group, rows, strict=True):
+            waiting.row, waiting.done = row, True
 
 
 def read_raw(runtime: Runtime, row: InboundMessage) -> bytes:

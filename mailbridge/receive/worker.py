@@ -151,21 +151,27 @@ class Worker:
 
     def _run(self) -> None:
         wake = self.runtime.wake_worker
-        held: InboundMessage | None = None  # claimed, but an outage kept us from recording
+        held: list[InboundMessage] = []  # claimed, not yet ended (the head may be mid-outage)
         while not self._stop.is_set():
             busy = False
             try:
-                if held is not None:
+                if held:
                     # Back to the queue the moment the database answers, not after the lease.
-                    spool.release(self.runtime, held)
-                    held = None
-                row = spool.claim_next(self.runtime, self.node)
-                if row is not None:
+                    for row in held:
+                        spool.release(self.runtime, row)
+                    held = []
+                held = claim_batch(self.runtime, self.node)
+                if held:
                     busy = True
-                    held = row
-                    with lease_kept(self.runtime, row, self.node):
-                        handle(self.runtime, row, self.outage)
-                    held = None
+                    with queue.kept(self.runtime.db, self.runtime.clock,
+                                    self.runtime.settings.worker.lease_seconds, spool.QUEUE,
+                                    [row.id for row in held], self.node):
+                        while held and not self._stop.is_set():
+                            handle(self.runtime, held[0], self.outage)
+                            held.pop(0)
+                    for row in held:  # stopping: the rest of the batch goes back at once
+                        spool.release(self.runtime, row)
+                    held = []
             except db.UNAVAILABLE as exc:
                 self.outage.failed(cause_of(exc))
                 busy = False
@@ -173,3 +179,15 @@ class Worker:
                 wake.wait(self.runtime.settings.worker.poll_seconds)
                 wake.clear()
         self.runtime.db.close()
+
+
+def claim_batch(runtime: Runtime, node: str) -> list[InboundMessage]:
+    """Take up to `[worker] batch` due messages, oldest first (other workers take the next
+    ones: a batch saves round trips, not fairness)."""
+    size = runtime.settings.worker.batch
+    ids = queue.claim(runtime.db, spool.QUEUE, now=runtime.clock(), node=node, limit=size,
+                      scan=size + 4, lease_seconds=runtime.settings.worker.lease_seconds)
+    if not ids:
+        return []
+    rows = {row.id: row for row in InboundMessage.select().where(InboundMessage.id.in_(ids))}
+    return [rows[i] for i in ids if i in rows]

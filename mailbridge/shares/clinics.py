@@ -1,5 +1,5 @@
 """Clinics and their own policy: time zone, how long links can be claimed, when to remind, how
-long documents are kept, the contact line recipients see, the name in our From. The
+long documents are kept, the contact line recipients see, the name in our From, watermarks. The
 configuration gives the values a new clinic starts with; a clinic's own values win."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Policy:
     contact: str
     display_name: str
     legal_hold: bool
+    watermark: bool  # PDF pages and images handed out carry who they were shared with
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Changes:
     contact: str | None = None
     display_name: str | None = None
     legal_hold: bool | None = None
+    watermark: str | None = None  # "on", "off" or "configuration"
 
 
 def policy(clinic: Clinic, settings: Settings) -> Policy:
@@ -60,6 +62,8 @@ def policy(clinic: Clinic, settings: Settings) -> Policy:
         contact=clinic.contact,
         display_name=clinic.display_name or clinic.name,
         legal_hold=clinic.legal_hold,
+        watermark=(clinic.watermark if clinic.watermark is not None
+                   else settings.documents.watermark),
     )
 
 
@@ -109,6 +113,15 @@ def _apply(clinic: Clinic, changes: Changes) -> None:
         clinic.display_name = _line("--display-name", changes.display_name)
     if changes.legal_hold is not None:
         clinic.legal_hold = changes.legal_hold
+    if changes.watermark is not None:
+        clinic.watermark = _watermark(changes.watermark)
+
+
+def _watermark(value: str) -> bool | None:
+    choices = {"on": True, "off": False, "configuration": None}
+    if value not in choices:
+        raise ClinicError("--watermark", "must be on, off or configuration")
+    return choices[value]
 
 
 def _timezone(value: str) -> str:

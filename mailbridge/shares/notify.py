@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterable, Sequence
 from email import policy
 from email.parser import BytesParser
 
 from cryptography.exceptions import InvalidTag
+from peewee import fn
 
 from mailbridge.clock import local_text
 from mailbridge.outbound import compose, outbox
@@ -21,9 +23,17 @@ from mailbridge.outcomes import Notice
 from mailbridge.runtime import Runtime
 from mailbridge.shares import clinics
 from mailbridge.shares.notices import share_ref
-from mailbridge.store import audit, tokens
-from mailbridge.store.models import Grant, OutboundMessage, Share
-from mailbridge.store.states import Audit, Delivery, GrantState, Mail
+from mailbridge.store import audit, audit_rows, bulk, tokens
+from mailbridge.store.models import (
+    Clinic,
+    Document,
+    Grant,
+    Member,
+    OutboundMessage,
+    SentBack,
+    Share,
+)
+from mailbridge.store.states import Audit, Delivery, Mail
 
 MAX_REASON_CHARS = 300
 
@@ -31,32 +41,51 @@ MAX_REASON_CHARS = 300
 def remind(runtime: Runtime, grant_id: int) -> bool:
     """Queue the one reminder for a pending grant; False if it was reminded already, or is no
     longer pending (claimed, revoked, past its deadline)."""
-    grant = Grant.get_or_none(Grant.id == grant_id)
-    if grant is None:
-        return False
-    share = grant.share
-    timezone = share.clinic.timezone
-    link, sent_at = current_link(runtime, grant)
-    rules = clinics.policy(share.clinic, runtime.settings)
-    message = compose.reminder_email(
-        runtime.settings, to=grant.address, link_url=link, clinic_name=rules.display_name,
-        contact=rules.contact,
-        sender_name=share.sender.name, document_count=share.documents.count(),
-        sent_text=local_text(sent_at, timezone),
-        deadline_text=local_text(grant.deadline, timezone), now=runtime.clock())
+    return remind_many(runtime, [grant_id]) == 1
+
+
+def remind_many(runtime: Runtime, grant_ids: Sequence[int]) -> int:
+    """`remind` for a batch: the e-mails are composed first, then one transaction marks the
+    grants still due (one UPDATE, its guard in the WHERE clause: another node's run marks
+    none twice) and queues and audits exactly those. Returns how many were queued."""
+    grants = list(Grant.select().where(Grant.id.in_(list(grant_ids))).order_by(Grant.id))
+    if not grants:
+        return 0
+    shares = _shares({g.share_id for g in grants})
+    documents = dict(Document.select(Document.share, fn.COUNT(Document.id))
+                     .where(Document.share.in_(list(shares))).group_by(Document.share).tuples())
+    links = current_links(runtime, grants)
+    messages = {}
+    for grant in grants:
+        share = shares[grant.share_id]
+        timezone = share.clinic.timezone
+        link, sent_at = links[grant.id]
+        rules = clinics.policy(share.clinic, runtime.settings)
+        messages[grant.id] = compose.reminder_email(
+            runtime.settings, to=grant.address, link_url=link, clinic_name=rules.display_name,
+            contact=rules.contact, sender_name=share.sender.name,
+            document_count=documents.get(share.id, 0), sent_text=local_text(sent_at, timezone),
+            deadline_text=local_text(grant.deadline, timezone), now=runtime.clock())
     now = runtime.clock()
     with runtime.db.atomic():
-        changed = (Grant.update(reminded_at=now)
-                   .where((Grant.id == grant.id) & Grant.reminded_at.is_null()
-                          & (Grant.state == GrantState.PENDING) & (Grant.deadline > now))
-                   .execute())
-        if not changed:
-            return False
-        audit.record(runtime.audit_key, Audit.REMINDER_SENT, now, share=share, grant=grant,
-                     detail={"with_link": link is not None})
-        outbox.enqueue(runtime, message, kind=Mail.REMINDER, to_addr=grant.address, share=share,
-                       grant=grant)
-    return True
+        marked = bulk.mark_reminded(runtime.db, [g.id for g in grants], now)
+        chosen = [g for g in grants if g.id in marked]
+        audit.record_each(runtime.audit_key, audit_rows.Template(
+            kind=Audit.REMINDER_SENT, at=now, per_event_detail=True),
+            [(g.share_id, g.id, {"with_link": links[g.id][0] is not None}) for g in chosen])
+        outbox.enqueue_many(runtime, [
+            outbox.Queued(messages[g.id], kind=Mail.REMINDER, to_addr=g.address,
+                          share=g.share_id, grant=g.id) for g in chosen])
+    return len(chosen)
+
+
+def _shares(share_ids: Iterable[int]) -> dict[int, Share]:
+    """Shares with their sender and clinic, in one query."""
+    return {share.id: share for share in
+            Share.select(Share, Member, Clinic)
+            .join(Member, on=(Share.sender == Member.id)).switch(Share)
+            .join(Clinic, on=(Share.clinic == Clinic.id))
+            .where(Share.id.in_(list(share_ids)))}
 
 
 def current_link(runtime: Runtime, grant: Grant) -> tuple[str | None, dt.datetime]:
@@ -64,11 +93,26 @@ def current_link(runtime: Runtime, grant: Grant) -> tuple[str | None, dt.datetim
     but the link e-mail itself is kept sealed in the outbox: the newest one whose link matches
     the grant's current token hash gives it back. (None, ...) if none does — e.g. the outbox
     row is gone — and the reminder then points to the first e-mail instead."""
-    rows = list(OutboundMessage.select()
-                .where((OutboundMessage.grant == grant.id) & (OutboundMessage.kind == "link"))
-                .order_by(OutboundMessage.id.desc()))
+    return current_links(runtime, [grant])[grant.id]
+
+
+def current_links(runtime: Runtime,
+                  grants: Sequence[Grant]) -> dict[int, tuple[str | None, dt.datetime]]:
+    """`current_link` for a batch of grants, their link e-mails read in one query."""
+    rows: dict[int, list[OutboundMessage]] = {}
+    for row in (OutboundMessage.select()
+                .where((OutboundMessage.grant.in_([g.id for g in grants]))
+                       & (OutboundMessage.kind == "link"))
+                .order_by(OutboundMessage.id.desc())):
+        rows.setdefault(row.grant_id, []).append(row)
     prefix = compose.link_url(runtime.settings.service.base_url, "")
     pattern = re.compile(re.escape(prefix) + r"([A-Za-z0-9_-]{16,128})")
+    return {grant.id: _link_of(runtime, grant, rows.get(grant.id, []), pattern)
+            for grant in grants}
+
+
+def _link_of(runtime: Runtime, grant: Grant, rows: list[OutboundMessage],
+             pattern: re.Pattern) -> tuple[str | None, dt.datetime]:
     for row in rows:
         try:
             raw = outbox.open_message(runtime, row)
@@ -93,6 +137,8 @@ def first_view(runtime: Runtime, grant: Grant) -> bool:
                    .execute())
         if not changed or not runtime.settings.notifications.first_view:
             return False
+        if SentBack.select().where(SentBack.share == grant.share_id).exists():
+            return False  # the member opening documents sent back to them: nobody to tell
         share = Share.get_by_id(grant.share_id)
         sender, timezone = share.sender, share.clinic.timezone
         message = compose.first_view_email(
@@ -109,36 +155,47 @@ def first_view(runtime: Runtime, grant: Grant) -> bool:
 
 def expiry_summary(runtime: Runtime, share_id: int) -> int:
     """One notice to the sender listing the share's expired grants not reported yet; returns
-    how many grants it covered (0: nothing new). Rows are marked in id order, so two nodes
-    never split one share's grants between two notices."""
-    share = Share.get_or_none(Share.id == share_id)
-    if share is None:
-        return 0
-    candidates = list(Grant.select(Grant.id, Grant.address)
-                      .where((Grant.share == share.id) & (Grant.state == GrantState.EXPIRED)
-                             & Grant.expiry_reported_at.is_null())
-                      .order_by(Grant.id))
+    how many grants it covered (0: nothing new)."""
+    return sum(expiry_summaries(runtime, [share_id]).values())
+
+
+def expiry_summaries(runtime: Runtime, share_ids: Sequence[int]) -> dict[int, int]:
+    """`expiry_summary` for a batch of shares in one transaction; returns for each share
+    reported how many grants its notice covers. The shares are locked first, in id order
+    (PostgreSQL), so two nodes never split one share's grants between two notices."""
+    if not share_ids:
+        return {}
     now = runtime.clock()
+    notify = runtime.settings.notifications.expiry_summary
     with runtime.db.atomic():
-        reported = [g.address for g in candidates
-                    if Grant.update(expiry_reported_at=now)
-                    .where((Grant.id == g.id) & Grant.expiry_reported_at.is_null()
-                           & (Grant.state == GrantState.EXPIRED)).execute()]
+        bulk.lock_shares(runtime.db, share_ids)
+        reported = bulk.mark_expiry_reported(runtime.db, share_ids, now)
         if not reported:
-            return 0
-        notify = runtime.settings.notifications.expiry_summary
+            return {}
+        shares = _shares(reported)
+        order = sorted(reported)
+        # Nobody to tell when the member's own link to documents sent back to them lapsed.
+        returned = {row.share_id for row in SentBack.select(SentBack.share)
+                    .where(SentBack.share.in_(order))}
         if notify:
-            sender = share.sender
-            message = compose.expiry_summary_email(
-                runtime.settings, to=sender.email, sender_name=sender.name, addresses=reported,
-                shared_text=local_text(share.created_at, share.clinic.timezone),
-                in_reply_to=share.receipt_message_id or None, about=share_ref(runtime, share),
-                now=now)
-            outbox.enqueue(runtime, message, kind=Mail.EXPIRY_SUMMARY, to_addr=sender.email,
-                           share=share)
-        audit.record(runtime.audit_key, Audit.EXPIRY_REPORTED, now, share=share,
-                     detail={"recipients": len(reported), "notified": notify})
-    return len(reported)
+            outbox.enqueue_many(runtime, [
+                outbox.Queued(_summary_email(runtime, shares[share_id], reported[share_id], now),
+                              kind=Mail.EXPIRY_SUMMARY, to_addr=shares[share_id].sender.email,
+                              share=share_id) for share_id in order if share_id not in returned])
+        audit.record_each(runtime.audit_key, audit_rows.Template(
+            kind=Audit.EXPIRY_REPORTED, at=now, varying=("share",), per_event_detail=True),
+            [(share_id, {"recipients": len(reported[share_id]),
+                         "notified": notify and share_id not in returned})
+             for share_id in order])
+    return {share_id: len(addresses) for share_id, addresses in reported.items()}
+
+
+def _summary_email(runtime: Runtime, share: Share, addresses: list[str], now: dt.datetime):
+    sender = share.sender
+    return compose.expiry_summary_email(
+        runtime.settings, to=sender.email, sender_name=sender.name, addresses=addresses,
+        shared_text=local_text(share.created_at, share.clinic.timezone),
+        in_reply_to=share.receipt_message_id or None, about=share_ref(runtime, share), now=now)
 
 
 def refusal_status(reason: str) -> str:

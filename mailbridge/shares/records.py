@@ -16,7 +16,15 @@ import peewee
 from mailbridge.clock import local_text
 from mailbridge.runtime import Runtime
 from mailbridge.store import audit, sealed
-from mailbridge.store.models import AuditEvent, Clinic, Document, Grant, Member, Share
+from mailbridge.store.models import (
+    AuditEvent,
+    Clinic,
+    Document,
+    Grant,
+    Member,
+    SentBack,
+    Share,
+)
 
 PAGE = 2000
 FIELDS = ("seq", "time_local", "time_utc", "kind", "actor", "share", "recipient", "document",
@@ -64,9 +72,14 @@ def query(selection: Selection) -> peewee.Select:
     """The selected events (unordered): for a count, a page, or a newest-first list."""
     events = AuditEvent.select()
     if selection.share_id is not None:
-        grants = Grant.select(Grant.id).where(Grant.share == selection.share_id)
-        events = events.where((AuditEvent.share == selection.share_id)
-                              | AuditEvent.grant.in_(grants))
+        # Documents sent back on the share are a share of their own (send_back.py): their
+        # events belong to the exchange on this one.
+        shares = Share.select(Share.id).where(
+            (Share.id == selection.share_id)
+            | Share.id.in_(SentBack.select(SentBack.share)
+                           .where(SentBack.original == selection.share_id)))
+        grants = Grant.select(Grant.id).where(Grant.share.in_(shares))
+        events = events.where(AuditEvent.share.in_(shares) | AuditEvent.grant.in_(grants))
     if selection.clinic is not None:
         shares = Share.select(Share.id).where(Share.clinic == selection.clinic)
         members = Member.select(Member.id).where(Member.clinic == selection.clinic)

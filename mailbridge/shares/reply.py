@@ -18,7 +18,7 @@ from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Done, Notice, Outcome, Reject
 from mailbridge.runtime import Runtime
 from mailbridge.settings import Settings
-from mailbridge.shares import clinics, lifecycle, status
+from mailbridge.shares import access_answers, clinics, lifecycle, status
 from mailbridge.shares.notices import share_ref
 from mailbridge.store import audit, inbound, seen, tokens
 from mailbridge.store.models import InboundMessage, Member, OutboundMessage, Share
@@ -129,7 +129,7 @@ def handle_reply(runtime: Runtime, row: InboundMessage, message: EmailMessage,
     now = runtime.clock()
     with runtime.db.atomic():
         seen.remember(member, keys, row, now)
-        values, event = _run(runtime, share, command, member)
+        values, event = _run(runtime, share, command, member, message)
         answer = compose.command_reply_email(
             settings, to=member.email, command=values.pop("template"), values=values,
             reply_address=reply_address, in_reply_to=identity.message_id(message),
@@ -149,8 +149,8 @@ def handle_reply(runtime: Runtime, row: InboundMessage, message: EmailMessage,
     return Done(share.id, f"{command.name} command")
 
 
-def _run(runtime: Runtime, share: Share, command: Command,
-         member: Member) -> tuple[dict, str | None]:
+def _run(runtime: Runtime, share: Share, command: Command, member: Member,
+         message: EmailMessage) -> tuple[dict, str | None]:
     """Carry out the command; returns the answer's template values and an extra audit kind
     (the lifecycle functions audit their own changes)."""
     claim_hours = clinics.policy(share.clinic, runtime.settings).claim_hours
@@ -172,7 +172,21 @@ def _run(runtime: Runtime, share: Share, command: Command,
         else:  # no number: the lifecycle default, `claim_hours`
             result = lifecycle.extend(runtime, share, hours=hours, actor=actor)
         return {**values, **_result_values(result), "template": "extend"}, None
+    if command.name in access_answers.DECISIONS:
+        return {**values, **_result_values(_answer_request(runtime, share, command, member,
+                                                           message)),
+                "template": command.name}, None
     return {**values, "template": "help", "recognised": command.recognised}, Audit.HELP_SENT
+
+
+def _answer_request(runtime: Runtime, share: Share, command: Command, member: Member,
+                    message: EmailMessage) -> lifecycle.Result:
+    """`approve` / `deny` [address]: the request the reply answers (see access_answers)."""
+    found = access_answers.for_reply(share, command.argument,
+                                     referenced_ids(message, runtime.settings), runtime.clock())
+    if isinstance(found, lifecycle.Result):
+        return found
+    return access_answers.decide(runtime, found, command.name, member, via="reply")
 
 
 def _result_values(result: lifecycle.Result) -> dict:

@@ -12,7 +12,7 @@ import logging
 from mailbridge.runtime import Runtime
 from mailbridge.shares import clinics
 from mailbridge.shares.jobs import Stop, stopped
-from mailbridge.store import audit
+from mailbridge.store import audit, audit_rows
 from mailbridge.store.blobs import StorageError
 from mailbridge.store.models import Clinic, Document, Share
 from mailbridge.store.states import Audit
@@ -20,7 +20,10 @@ from mailbridge.store.states import Audit
 log = logging.getLogger(__name__)
 
 
-def shred_expired(runtime: Runtime, stop: Stop = None) -> int:
+BATCH = 200  # shares per transaction
+
+
+def shred_expired(runtime: Runtime, stop: Stop = None, batch: int = BATCH) -> int:
     """Crypto-shred the documents of shares past their clinic's retention; returns how many
     shares were purged."""
     purged = 0
@@ -29,45 +32,65 @@ def shred_expired(runtime: Runtime, stop: Stop = None) -> int:
         if not days:
             continue
         cutoff = runtime.clock() - dt.timedelta(days=days)
-        due = (Share.select(Share.id).where((Share.clinic == clinic)
+        due = [share.id for share in
+               Share.select(Share.id).where((Share.clinic == clinic)
                                             & (Share.created_at < cutoff)
                                             & Share.purged_at.is_null()
                                             & (Share.legal_hold == False))  # noqa: E712
-               .order_by(Share.id))
-        for share in list(due):
+               .order_by(Share.id)]
+        for start in range(0, len(due), batch):
             if stopped(stop):
                 return purged
-            purged += shred(runtime, share.id, days)
+            purged += shred_many(runtime, due[start:start + batch], days)
     if purged:
         log.info("retention: %d share(s) past their clinic's retention purged", purged)
     return purged
 
 
 def shred(runtime: Runtime, share_id: int, days: float) -> int:
-    """1 if the share's documents were shredded now, 0 if something else did it first. The
-    blobs go first: a crash after that leaves the share to be marked on the next run."""
-    documents = list(Document.select().where(Document.share == share_id))
+    """1 if the share's documents were shredded now, 0 if something else did it first."""
+    return shred_many(runtime, [share_id], days)
+
+
+def shred_many(runtime: Runtime, share_ids: list[int], days: float) -> int:
+    """Shred the shares' documents; returns how many shares were marked now (not those
+    something else did first). The blobs go first: a crash after that leaves a share to be
+    marked on the next run; a share whose blob cannot be deleted now waits for it. The marks,
+    the wiped keys and notes and the audit events are one transaction of bulk statements."""
+    documents: dict[int, list[Document]] = {share_id: [] for share_id in share_ids}
+    for document in Document.select().where(Document.share.in_(share_ids)):
+        documents[document.share_id].append(document)
+    ready = [share_id for share_id in share_ids if _delete_blobs(runtime, documents[share_id])]
+    if not ready:
+        return 0
+    now = runtime.clock()
+    with runtime.db.atomic():
+        marked = sorted(share_id for (share_id,) in runtime.db.execute(
+            Share.update(purged_at=now).where(Share.id.in_(ready) & Share.purged_at.is_null())
+            .returning(Share.id)).fetchall())
+        if not marked:
+            return 0
+        Document.update(blob_key=b"").where(Document.share.in_(marked)).execute()
+        # The title and file names stay: an accounting of disclosures must describe what was
+        # shared for six years (HIPAA 164.528). The sender's free-text note goes.
+        Share.update(note_sealed=b"").where(Share.id.in_(marked)).execute()
+        audit.record_each(runtime.audit_key, audit_rows.Template(
+            kind=Audit.SHARE_PURGED, at=now, actor="retention", varying=("share",),
+            per_event_detail=True),
+            [(share_id, {"documents": len(documents[share_id]), "retention_days": days})
+             for share_id in marked])
+    return len(marked)
+
+
+def _delete_blobs(runtime: Runtime, documents: list[Document]) -> bool:
     for document in documents:
         try:
             runtime.documents.delete(document.blob_id)
         except StorageError:
             log.warning("retention: document #%d could not be deleted now; next run",
                         document.id)
-            return 0
-    now = runtime.clock()
-    with runtime.db.atomic():
-        marked = (Share.update(purged_at=now)
-                  .where((Share.id == share_id) & Share.purged_at.is_null()).execute())
-        if not marked:
-            return 0
-        Document.update(blob_key=b"").where(Document.share == share_id).execute()
-        # The title and file names stay: an accounting of disclosures must describe what was
-        # shared for six years (HIPAA 164.528). The sender's free-text note goes.
-        Share.update(note_sealed=b"").where(Share.id == share_id).execute()
-        audit.record(runtime.audit_key, Audit.SHARE_PURGED, now, actor="retention",
-                     share=share_id, detail={"documents": len(documents),
-                                             "retention_days": days})
-    return 1
+            return False
+    return True
 
 
 def prune_audit(runtime: Runtime) -> int:

@@ -24,7 +24,8 @@ from mailbridge.store.states import Audit, Delivery, GrantState, Mail, grant_sta
 HUMAN_STEPS = (Audit.LINK_CONTINUED, Audit.CODE_SENT, Audit.CODE_VERIFIED, Audit.CODE_FAILED,
                Audit.CLAIMED)
 VIEWS = (Audit.DOCUMENT_VIEWED, Audit.DOCUMENT_DOWNLOADED)
-REPORTED = (Audit.LINK_SHOWN, Audit.ACCESS_DENIED, Audit.LINK_BOUNCED, *HUMAN_STEPS, *VIEWS)
+REPORTED = (Audit.LINK_SHOWN, Audit.ACCESS_DENIED, Audit.LINK_BOUNCED, *HUMAN_STEPS, *VIEWS,
+            Audit.DOCUMENTS_RETURNED)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,9 @@ def _recipient(grant: Grant, state: GrantState, tz: str, sent_at: dt.datetime | 
     for (document_id, kind), times in seen.items():
         verb = "viewed" if kind == Audit.DOCUMENT_VIEWED else "downloaded"
         lines.append((f"{verb} {names.get(document_id, 'a document')}", _times(times, tz)))
+    returned = [e.at for e in events if e.kind == Audit.DOCUMENTS_RETURNED]
+    if returned:
+        lines.append(("sent documents back", _times(returned, tz)))
     for when in refused:
         lines.append(("refused", "someone signed in as another address tried this link at "
                       + local_text(when, tz)))

@@ -10,15 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from mailbridge.store import audit_rows
 from mailbridge.store.models import AuditCheckpoint, AuditEvent, AuditHead
 
-REFS = ("share", "grant", "document", "member", "account", "inbound", "clinic")
+REFS = audit_rows.REFS
 BATCH = 5000  # events read per page
-INSERT_BATCH = 1000  # events per INSERT (SQLite allows 32766 bound values)
 
 
 def record(key: bytes, kind: str, at: dt.datetime, *, actor: str = "",
@@ -31,19 +30,22 @@ def record(key: bytes, kind: str, at: dt.datetime, *, actor: str = "",
 
 
 def record_many(key: bytes, events: Iterable[dict]) -> list[AuditEvent]:
-    """Append several events in order (the set-based jobs write thousands at once); each
-    dict holds `record`'s arguments. Runs in the caller's transaction. Returns the row only
-    when there was one event (bulk inserts do not hand rows back)."""
+    """Append several events in order; each dict holds `record`'s arguments. Runs in the
+    caller's transaction. Returns the row only when there was one event (bulk inserts do not
+    hand rows back). Many events of one kind at one time: `record_each` is faster."""
     db = AuditEvent._meta.database
     with db.atomic():
         head = _locked_head()
         seq, mac = head.seq, head.mac
+        keyed = hmac.new(key, digestmod=hashlib.sha256)
         rows = []
         for values in events:
             row = _row(values)
             seq += 1
             row["seq"] = seq
-            row["mac"] = mac = link(key, mac, row)
+            h = keyed.copy()
+            h.update(mac.encode() + b"\0" + canonical(row))
+            row["mac"] = mac = h.hexdigest()
             rows.append(row)
         if not rows:
             return []
@@ -51,10 +53,24 @@ def record_many(key: bytes, events: Iterable[dict]) -> list[AuditEvent]:
             created = [AuditEvent.create(**rows[0])]
         else:
             created = []
-            for start in range(0, len(rows), INSERT_BATCH):
-                AuditEvent.insert_many(rows[start:start + INSERT_BATCH]).execute()
+            audit_rows.insert(db, audit_rows.COLUMNS, [_columns(row) for row in rows])
         AuditHead.update(seq=seq, mac=mac).where(AuditHead.id == head.id).execute()
     return created
+
+
+def record_each(key: bytes, template: audit_rows.Template, events: Sequence[tuple]) -> int:
+    """Append one event per item of `events` (the refs `template` varies, in its order), in
+    order, inside the caller's transaction: the set-based jobs' path, a template's constant
+    parts encoded once. Returns how many were appended."""
+    db = AuditEvent._meta.database
+    if not events:
+        return 0
+    with db.atomic():
+        head = _locked_head()
+        rows, seq, mac = audit_rows.chain(key, head.mac, head.seq, template, events)
+        audit_rows.insert(db, template.columns, rows, template.constants)
+        AuditHead.update(seq=seq, mac=mac).where(AuditHead.id == head.id).execute()
+    return len(rows)
 
 
 def link(key: bytes, previous_mac: str, row: dict) -> str:
@@ -63,18 +79,13 @@ def link(key: bytes, previous_mac: str, row: dict) -> str:
                     hashlib.sha256).hexdigest()
 
 
-def canonical(row: dict) -> bytes:
-    """What an event's MAC covers, byte for byte the same whichever database stored it."""
-    at = row["at"]
-    content = {
-        "seq": int(row["seq"]), "at": at.isoformat(timespec="microseconds"),
-        "kind": str(row["kind"]), "actor": row.get("actor") or "",
-        "ip": row.get("ip") or "", "user_agent": row.get("user_agent") or "",
-        "detail": row.get("detail") or {},
-        **{ref: _id(row.get(ref)) for ref in REFS},
-    }
-    return json.dumps(content, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode()
+canonical = audit_rows.canonical  # what an event's MAC covers
+
+
+def _columns(row: dict) -> tuple:
+    return (row["seq"], row["mac"], row["at"], row["kind"], row["actor"],
+            *(row[ref] for ref in REFS), row["ip"], row["user_agent"],
+            audit_rows.stored_json(row["detail"]))
 
 
 def _id(value) -> int | None:

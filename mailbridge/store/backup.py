@@ -1,8 +1,9 @@
 """Backups of a data directory and putting one back. A backup is a folder: the SQLite
-database as one consistent snapshot (taken while the service runs), the encrypted blob files,
-and a manifest with every file's size and SHA-256. Never the master key: the blobs and sealed
-columns are useless without it, which is what makes a backup safe to keep elsewhere — and
-why the key must be kept safe separately."""
+database as one consistent snapshot (taken while the service runs; with `[storage] backend =
+"database"` the encrypted blobs are inside it), the encrypted blob files, and a manifest with
+every file's size and SHA-256. Never the master key: the blobs and sealed columns are useless
+without it, which is what makes a backup safe to keep elsewhere — and why the key must be
+kept safe separately."""
 
 from __future__ import annotations
 
@@ -74,16 +75,20 @@ def snapshot_database(sqlite_path: Path, dest: Path) -> Path:
 
 
 def referenced_blobs(database: Path) -> dict[str, set[str]]:
-    """The blob ids a database snapshot needs, per folder (a shredded document needs none)."""
+    """The blob ids a database snapshot needs from the folders (a shredded document needs
+    none; a blob kept in the database, `[storage] backend = "database"`, is in the snapshot)."""
     db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
         documents = {row[0] for row in db.execute(
             "SELECT blob_id FROM document WHERE length(blob_key) > 0")}
         spool = {row[0] for row in db.execute(
             "SELECT blob_id FROM inbound_message WHERE purged_at IS NULL")}
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        inside = ({row[0] for row in db.execute("SELECT blob_id FROM blob")}
+                  if "blob" in tables else set())
     finally:
         db.close()
-    return {"documents": documents, "spool": spool}
+    return {"documents": documents - inside, "spool": spool - inside}
 
 
 def blob_files(root: Path) -> Iterator[Path]:

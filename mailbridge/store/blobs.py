@@ -5,21 +5,40 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import secrets
 import stat
-import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+from mailbridge.store.blob_format import (
+    BLOB_ID,
+    DEFAULT_CHUNK_SIZE,
+    HEADER,
+    MAX_CHUNK_SIZE,
+    TAG_SIZE,
+    BlobNotFound,
+    StorageError,
+    StorageFull,
+    Tally,
+    check_chunk_size,
+    check_id,
+    open_records,
+    read_header,
+    seal_records,
+    unwrap,
+)
+
+__all__ = ["MAX_CHUNK_SIZE", "BlobNotFound", "BlobStore", "FallbackBlobStore",
+           "LocalBlobStore", "StorageError", "StorageFull", "StoredBlob", "put_bytes",
+           "read_all", "seal", "unseal"]
 
 _SEAL_VERSION = b"\x01"
 
@@ -39,20 +58,9 @@ def unseal(key: bytes, sealed: bytes, aad: bytes = b"") -> bytes:
 
 # --- document blobs ----------------------------------------------------------------------
 #
-# File layout: header (magic, version, chunk size, nonce prefix), then one AES-256-GCM
-# record per plaintext chunk. Every chunk but the last holds exactly `chunk size` bytes;
-# the last may be shorter or empty. Each record's AAD binds header, blob id, chunk index and
-# a last-chunk flag, so edits, reordering, truncation, appending or renaming all fail
-# authentication.
+# The format (header and sealed records) is in blob_format.py; the stores here and in
+# blob_db.py keep it byte for byte, so a blob moves between them without being decrypted.
 
-_MAGIC = b"MBLB"
-_BLOB_VERSION = 1
-_HEADER = struct.Struct(">4sBI8s")  # magic, version, chunk size, nonce prefix
-_RECORD = struct.Struct(">IB")  # chunk index, last-chunk flag (part of the AAD)
-_TAG_SIZE = 16
-_MAX_CHUNKS = 2**32  # the per-chunk nonce counter is 4 bytes
-MAX_CHUNK_SIZE = 64 * 1024 * 1024  # also caps what a forged header can make us allocate
-_BLOB_ID = re.compile(r"[0-9a-f]{32}")
 _FOLDER = re.compile(r"[0-9a-f]{2}")
 _TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.[A-Za-z0-9_]+\.tmp")  # what `put` writes first
 
@@ -63,14 +71,6 @@ class StoredBlob:
     wrapped_key: bytes  # the blob's own AES-256 key, RFC 3394-wrapped by the master key
     sha256: str  # hex digest of the plaintext
     size: int  # plaintext bytes
-
-
-class StorageError(Exception):
-    """A blob is unusable (missing, corrupt, tampered with) or cannot be written."""
-
-
-class StorageFull(StorageError):
-    """No space or quota left while writing; callers answer with a temporary failure."""
 
 
 class BlobStore(Protocol):
@@ -84,23 +84,43 @@ class BlobStore(Protocol):
 
     def delete_temporary(self, name: str) -> None: ...
 
+    # Moving blobs between stores (`mailbridge storage migrate`): the stored bytes, as they are.
+    def blob_ids(self) -> Iterator[str]: ...
+
+    def exists(self, blob_id: str) -> bool: ...
+
+    def raw(self, blob_id: str) -> Iterator[bytes]: ...
+
+    def put_raw(self, blob_id: str, pieces: Iterable[bytes]) -> None: ...
+
+
+def new_blob(master_key: bytes) -> tuple[str, bytes, bytes]:
+    """A fresh blob id, its own key, and that key wrapped by the master key."""
+    key = AESGCM.generate_key(bit_length=256)
+    return secrets.token_hex(16), key, aes_key_wrap(master_key, key)
+
 
 class LocalBlobStore:
     """Blobs as files under `root/<first two hex digits>/<blob_id>`, written durably."""
 
-    def __init__(self, root: Path, master_key: bytes, chunk_size: int = 1024 * 1024) -> None:
+    def __init__(self, root: Path, master_key: bytes,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         if len(master_key) != 32:
             raise ValueError("master key must be 32 bytes")
-        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-            raise ValueError(f"chunk size must be between 1 and {MAX_CHUNK_SIZE}")
         self._root = Path(root)
         self._master_key = master_key
-        self._chunk_size = chunk_size
+        self._chunk_size = check_chunk_size(chunk_size)
 
     def put(self, chunks: Iterable[bytes]) -> StoredBlob:
         """Encrypt and store `chunks`; the blob is on stable storage when this returns."""
-        blob_id = secrets.token_hex(16)
-        key = AESGCM.generate_key(bit_length=256)
+        blob_id, key, wrapped = new_blob(self._master_key)
+        tally = Tally()
+        self.put_raw(blob_id, seal_records(blob_id, key, chunks, self._chunk_size, tally))
+        return StoredBlob(blob_id=blob_id, wrapped_key=wrapped, sha256=tally.sha256,
+                          size=tally.size)
+
+    def put_raw(self, blob_id: str, pieces: Iterable[bytes]) -> None:
+        """Write `pieces` as the file of `blob_id`, replacing it whole or not at all."""
         path = self._path(blob_id)
         with _os_errors(blob_id):
             created_dir = not path.parent.is_dir()
@@ -111,7 +131,8 @@ class LocalBlobStore:
         try:
             # Unbuffered, so closing after a failed write has nothing left to flush (and fail).
             with os.fdopen(fd, "wb", buffering=0) as out:
-                sha256, size = _write_blob(out, blob_id, key, chunks, self._chunk_size)
+                for piece in pieces:
+                    _write_all(out, piece, blob_id)
                 with _os_errors(blob_id):
                     os.fsync(out.fileno())
             with _os_errors(blob_id):
@@ -122,8 +143,6 @@ class LocalBlobStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
-        wrapped = aes_key_wrap(self._master_key, key)
-        return StoredBlob(blob_id=blob_id, wrapped_key=wrapped, sha256=sha256, size=size)
 
     def open(self, blob_id: str, wrapped_key: bytes) -> Iterator[bytes]:
         """Plaintext chunks, each authenticated before it is yielded.
@@ -131,14 +150,36 @@ class LocalBlobStore:
         Key and header are checked now, so a missing blob or wrong key fails before the
         caller starts sending anything; tampered content fails during iteration.
         """
+        key = unwrap(self._master_key, wrapped_key, blob_id)
+        records = self.raw(blob_id)
+        header = next(records)
+        return open_records(header, records, blob_id, key)
+
+    def raw(self, blob_id: str) -> Iterator[bytes]:
+        """The header, then one stored record at a time. The file is opened (and its header
+        checked) now: a missing blob raises BlobNotFound here, not while streaming."""
         path = self._path(blob_id)
+        with _os_errors(blob_id):
+            f = open(path, "rb")  # noqa: SIM115 - closed by the generator
         try:
-            key = aes_key_unwrap(self._master_key, wrapped_key)
-        except (InvalidUnwrap, ValueError):
-            raise StorageError(f"blob {blob_id}: key does not unwrap (wrong master key?)") from None
-        with _os_errors(blob_id), open(path, "rb") as f:
-            _read_header(f, blob_id)
-        return _read_blob(path, blob_id, key)
+            header = f.read(HEADER.size)
+            record_size = read_header(header, blob_id) + TAG_SIZE
+        except BaseException:
+            f.close()
+            raise
+        return _file_records(f, header, record_size, blob_id)
+
+    def exists(self, blob_id: str) -> bool:
+        return self._path(blob_id).is_file()
+
+    def blob_ids(self) -> Iterator[str]:
+        """Every complete blob (never a `.tmp` file of a write in progress)."""
+        if not self._root.is_dir():
+            return
+        for folder in sorted(self._root.iterdir()):
+            if folder.is_dir() and _FOLDER.fullmatch(folder.name):
+                yield from sorted(p.name for p in folder.iterdir()
+                                  if BLOB_ID.fullmatch(p.name) and p.name[:2] == folder.name)
 
     def delete(self, blob_id: str) -> None:
         """Remove a blob; deleting one that is already gone is not an error."""
@@ -165,7 +206,7 @@ class LocalBlobStore:
                     continue
                 if not stat.S_ISREG(info.st_mode) or info.st_mtime >= older_than:
                     continue
-                if _BLOB_ID.fullmatch(path.name) and path.name[:2] == folder.name:
+                if BLOB_ID.fullmatch(path.name) and path.name[:2] == folder.name:
                     yield path.name, False
                 elif _TEMPORARY.fullmatch(path.name) and path.name[1:3] == folder.name:
                     yield path.name, True
@@ -178,9 +219,56 @@ class LocalBlobStore:
             (self._root / name[1:3] / name).unlink()
 
     def _path(self, blob_id: str) -> Path:
-        if not _BLOB_ID.fullmatch(blob_id):
-            raise StorageError("invalid blob id")
+        check_id(blob_id)
         return self._root / blob_id[:2] / blob_id
+
+
+class FallbackBlobStore:
+    """The configured store, reading a blob from the other one when it is not (yet) there:
+    while `mailbridge storage migrate` moves blobs, every blob stays readable wherever it is.
+    New blobs go to the configured store; deleting deletes from both."""
+
+    def __init__(self, primary: BlobStore, previous: BlobStore) -> None:
+        self.primary, self.previous = primary, previous
+
+    def put(self, chunks: Iterable[bytes]) -> StoredBlob:
+        return self.primary.put(chunks)
+
+    def open(self, blob_id: str, wrapped_key: bytes) -> Iterator[bytes]:
+        try:
+            return self.primary.open(blob_id, wrapped_key)
+        except BlobNotFound as missing:
+            try:
+                return self.previous.open(blob_id, wrapped_key)
+            except StorageError:
+                raise missing from None
+
+    def delete(self, blob_id: str) -> None:
+        self.primary.delete(blob_id)
+        self.previous.delete(blob_id)
+
+    def stale_files(self, older_than: float) -> Iterator[tuple[str, bool]]:
+        yield from self.primary.stale_files(older_than)
+        yield from self.previous.stale_files(older_than)
+
+    def delete_temporary(self, name: str) -> None:
+        self.primary.delete_temporary(name)
+        self.previous.delete_temporary(name)
+
+    def blob_ids(self) -> Iterator[str]:
+        return self.primary.blob_ids()
+
+    def exists(self, blob_id: str) -> bool:
+        return self.primary.exists(blob_id) or self.previous.exists(blob_id)
+
+    def raw(self, blob_id: str) -> Iterator[bytes]:
+        try:
+            return self.primary.raw(blob_id)
+        except BlobNotFound:
+            return self.previous.raw(blob_id)
+
+    def put_raw(self, blob_id: str, pieces: Iterable[bytes]) -> None:
+        self.primary.put_raw(blob_id, pieces)
 
 
 def read_all(store: BlobStore, blob_id: str, wrapped_key: bytes) -> bytes:
@@ -213,24 +301,6 @@ def create_master_key_file(path: Path) -> bool:
     return True
 
 
-def _write_blob(
-    out: BinaryIO, blob_id: str, key: bytes, chunks: Iterable[bytes], chunk_size: int
-) -> tuple[str, int]:
-    aesgcm = AESGCM(key)
-    header = _HEADER.pack(_MAGIC, _BLOB_VERSION, chunk_size, os.urandom(8))
-    digest = hashlib.sha256()
-    size = 0
-    _write_all(out, header, blob_id)
-    for index, (plain, last) in enumerate(_rechunk(chunks, chunk_size)):
-        if index >= _MAX_CHUNKS:
-            raise StorageError(f"blob {blob_id}: too many chunks")
-        digest.update(plain)
-        size += len(plain)
-        sealed = aesgcm.encrypt(_nonce(header, index), plain, _aad(header, blob_id, index, last))
-        _write_all(out, sealed, blob_id)
-    return digest.hexdigest(), size
-
-
 def _write_all(out: BinaryIO, data: bytes, blob_id: str) -> None:
     view = memoryview(data)
     with _os_errors(blob_id):
@@ -238,71 +308,16 @@ def _write_all(out: BinaryIO, data: bytes, blob_id: str) -> None:
             view = view[out.write(view):]
 
 
-def _read_blob(path: Path, blob_id: str, key: bytes) -> Iterator[bytes]:
-    aesgcm = AESGCM(key)
-    with _os_errors(blob_id), open(path, "rb") as f:
-        header, chunk_size = _read_header(f, blob_id)
-        record_size = chunk_size + _TAG_SIZE
-        current = f.read(record_size)
-        index = 0
+def _file_records(f: BinaryIO, header: bytes, record_size: int,
+                  blob_id: str) -> Iterator[bytes]:
+    with f:
+        yield header
         while True:
-            # One record of lookahead: only end-of-file tells which record claims to be last.
-            following = f.read(record_size)
-            last = not following
-            try:
-                plain = aesgcm.decrypt(
-                    _nonce(header, index), current, _aad(header, blob_id, index, last)
-                )
-            except (InvalidTag, ValueError):
-                raise StorageError(f"blob {blob_id}: chunk {index} fails authentication") from None
-            yield plain
-            if last:
+            with _os_errors(blob_id):
+                record = f.read(record_size)
+            if not record:
                 return
-            current = following
-            index += 1
-
-
-def _read_header(f: BinaryIO, blob_id: str) -> tuple[bytes, int]:
-    header = f.read(_HEADER.size)
-    if len(header) != _HEADER.size:
-        raise StorageError(f"blob {blob_id}: truncated header")
-    magic, version, chunk_size, _prefix = _HEADER.unpack(header)
-    if magic != _MAGIC or version != _BLOB_VERSION:
-        raise StorageError(f"blob {blob_id}: not a blob file of a known version")
-    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise StorageError(f"blob {blob_id}: implausible chunk size")
-    return header, chunk_size
-
-
-def _rechunk(pieces: Iterable[bytes], size: int) -> Iterator[tuple[bytes, bool]]:
-    """Re-cut arbitrary pieces into `size`-byte chunks, flagging the last one.
-
-    A full chunk is only released once more data is known to follow, so content that is an
-    exact multiple of `size` ends in a full chunk flagged last (and empty content in one
-    empty last chunk).
-    """
-    buf = bytearray()
-    for piece in pieces:
-        view = memoryview(piece)
-        while len(buf) + len(view) > size:
-            take = size - len(buf)
-            buf += view[:take]
-            view = view[take:]
-            yield bytes(buf), False
-            buf.clear()
-        buf += view
-    yield bytes(buf), True
-
-
-def _nonce(header: bytes, index: int) -> bytes:
-    prefix = header[-8:]
-    return prefix + index.to_bytes(4, "big")
-
-
-def _aad(header: bytes, blob_id: str, index: int, last: bool) -> bytes:
-    # All parts have fixed lengths (ids are always 32 hex digits), so the concatenation is
-    # unambiguous.
-    return header + blob_id.encode("ascii") + _RECORD.pack(index, last)
+            yield record
 
 
 def _fsync_dir(path: Path) -> None:
@@ -323,5 +338,5 @@ def _os_errors(blob_id: str) -> Iterator[None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFull(f"blob {blob_id}: storage full") from exc
         if isinstance(exc, FileNotFoundError):
-            raise StorageError(f"blob {blob_id}: not found") from exc
+            raise BlobNotFound(f"blob {blob_id}: not found") from exc
         raise StorageError(f"blob {blob_id}: {exc.strerror or type(exc).__name__}") from exc

@@ -43,6 +43,7 @@ class Clinic(BaseModel):
     remind_before_hours = pw.FloatField(null=True)
     document_retention_days = pw.FloatField(null=True)  # None: kept for good
     legal_hold = pw.BooleanField(default=False)  # nothing of the clinic's is purged
+    watermark = pw.BooleanField(null=True)  # None: [documents] watermark decides
 
 
 class Member(BaseModel):
@@ -133,11 +134,13 @@ class Grant(BaseModel):
     share = pw.ForeignKeyField(Share, backref="grants", on_delete="CASCADE")
     address = pw.CharField(max_length=320, index=True)
     token_hash = pw.CharField(max_length=64, unique=True)
-    state = pw.CharField(max_length=16, default=GrantState.PENDING, index=True)
-    deadline = pw.DateTimeField(index=True)
+    # state, deadline and account: partial indexes (PARTIAL_INDEXES).
+    state = pw.CharField(max_length=16, default=GrantState.PENDING, index=False)
+    deadline = pw.DateTimeField(index=False)
     created_at = pw.DateTimeField()
     claimed_at = pw.DateTimeField(null=True)
-    account = pw.ForeignKeyField(Account, null=True, backref="grants", on_delete="SET NULL")
+    account = pw.ForeignKeyField(Account, null=True, backref="grants", on_delete="SET NULL",
+                                 index=False)
     ended_at = pw.DateTimeField(null=True)  # when it was revoked or expired
     delivery = pw.CharField(max_length=16, default=Delivery.QUEUED)
     archived_at = pw.DateTimeField(null=True)  # the recipient moved it to "Archived"
@@ -182,11 +185,13 @@ class AuditEvent(BaseModel):
     actor = pw.CharField(max_length=320, default="")
     share = pw.ForeignKeyField(Share, null=True, backref="events", on_delete="SET NULL")
     grant = pw.ForeignKeyField(Grant, null=True, backref="events", on_delete="SET NULL")
-    document = pw.ForeignKeyField(Document, null=True, on_delete="SET NULL")
-    member = pw.ForeignKeyField(Member, null=True, on_delete="SET NULL")
-    account = pw.ForeignKeyField(Account, null=True, on_delete="SET NULL")
-    inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL")
-    clinic = pw.ForeignKeyField(Clinic, null=True, on_delete="SET NULL")  # policy changes
+    # These five are mostly empty: partial indexes (PARTIAL_INDEXES).
+    document = pw.ForeignKeyField(Document, null=True, on_delete="SET NULL", index=False)
+    member = pw.ForeignKeyField(Member, null=True, on_delete="SET NULL", index=False)
+    account = pw.ForeignKeyField(Account, null=True, on_delete="SET NULL", index=False)
+    inbound = pw.ForeignKeyField(InboundMessage, null=True, on_delete="SET NULL", index=False)
+    clinic = pw.ForeignKeyField(Clinic, null=True, on_delete="SET NULL",  # policy changes
+                                index=False)
     ip = pw.CharField(max_length=64, default="")
     user_agent = pw.CharField(max_length=400, default="")
     detail = JSONField(default=dict)
@@ -291,6 +296,89 @@ class PasswordReset(BaseModel):
     used_at = pw.DateTimeField(null=True)
 
 
+# (name, table, column, WHERE): indexes holding only the rows a query looks for. Every index
+# entry costs each bulk write (a million expired grants, a million audit events), so the rows
+# the jobs look for (pending by deadline, expired and not reported by share) and references
+# that are mostly empty are indexed only where they apply; `x = ?` still uses them. Made by
+# migration 14 (not by create_tables: version 1 builds today's tables before later migrations
+# add some of these columns).
+PARTIAL_INDEXES = (
+    ("grant_pending_deadline", "grant", "deadline", "\"state\" = 'pending'"),
+    ("grant_expired_unreported", "grant", "share_id",
+     "\"state\" = 'expired' AND \"expiry_reported_at\" IS NULL"),
+    ("grant_account_id_set", "grant", "account_id", "\"account_id\" IS NOT NULL"),
+    *((f"audit_event_{ref}_id_set", "audit_event", f"{ref}_id", f"\"{ref}_id\" IS NOT NULL")
+      for ref in ("document", "member", "account", "inbound", "clinic")),
+)
+
 ALL_MODELS = [SchemaVersion, Clinic, Member, InboundMessage, Share, Document, Account, Grant,
               OutboundMessage, AuditEvent, WebSession, OneTimeCode, PasswordReset, SeenMessage,
               AuditHead, AuditCheckpoint, StaffAccount, StaffCode, StaffPasskey]
+
+
+class Blob(BaseModel):
+    """An encrypted blob kept in the database (`[storage] backend = "database"`): its header
+    here, its sealed records in `BlobChunk` rows, so every node reads it."""
+
+    blob_id = pw.CharField(max_length=32, primary_key=True)
+    store = pw.CharField(max_length=16)  # "documents" or "spool"
+    header = pw.BlobField()
+    created_at = pw.FloatField()  # wall-clock seconds, like a file's time (orphan sweep)
+
+    class Meta:
+        indexes = ((("store", "created_at"), False),)
+
+
+class BlobChunk(BaseModel):
+    blob = pw.CharField(max_length=32)  # Blob.blob_id; rows go first when a blob is deleted
+    seq = pw.IntegerField()
+    data = pw.BlobField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("blob", "seq")
+
+
+ALL_MODELS += [Blob, BlobChunk]  # noqa: E305
+
+
+class AccessRequest(BaseModel):
+    """Someone holding another recipient's link asks for access for their own address: proven
+    by a one-time code (stored on the row, as a hash), then answered by the share's sender."""
+
+    share = pw.ForeignKeyField(Share, backref="access_requests", on_delete="CASCADE")
+    origin = pw.ForeignKeyField(Grant, backref="access_requests", on_delete="CASCADE")
+    address = pw.CharField(max_length=320, index=True)  # the requester's, proven by the code
+    name = pw.CharField(max_length=100, default="")  # as the requester typed it, unproven
+    state = pw.CharField(max_length=16, default="unverified", index=True)
+    created_at = pw.DateTimeField(index=True)
+    code_hash = pw.CharField(max_length=200)
+    code_expires_at = pw.DateTimeField()
+    code_attempts = pw.IntegerField(default=0)
+    requested_at = pw.DateTimeField(null=True)  # the code was right: the sender was asked
+    expires_at = pw.DateTimeField(null=True)  # unanswered by then: expired
+    notice_message_id = pw.CharField(max_length=400, default="", index=True)  # to the sender
+    decided_at = pw.DateTimeField(null=True)
+    decided_by = pw.CharField(max_length=320, default="")
+    grant = pw.ForeignKeyField(Grant, null=True, on_delete="SET NULL")  # made by approving
+    ip = pw.CharField(max_length=64, default="")
+
+
+ALL_MODELS += [AccessRequest]  # noqa: E305
+
+
+class SentBack(BaseModel):
+    """Documents a recipient sent back to the sender of `original`. They are kept as a share
+    of their own (`share`, made by the sender's member row), so encryption, retention, backups
+    and the orphan sweep treat them like any document; for a member without a console account
+    that share also has a grant for the member's own address."""
+
+    share = pw.ForeignKeyField(Share, unique=True, backref="sent_back_as", on_delete="CASCADE")
+    original = pw.ForeignKeyField(Share, backref="sent_back", on_delete="CASCADE")
+    grant = pw.ForeignKeyField(Grant, null=True, on_delete="SET NULL")  # who sent them back
+    address = pw.CharField(max_length=320)  # the recipient's address, kept if the grant goes
+    via = pw.CharField(max_length=16)  # "console" | "portal": where the sender opens them
+    created_at = pw.DateTimeField()
+
+
+
+ALL_MODELS += [SentBack]  # noqa: E305

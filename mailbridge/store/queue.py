@@ -1,5 +1,7 @@
 """The one leased queue behind the intake spool and the outbox: rows in a waiting state are
-claimed with a conditional UPDATE (so two workers or nodes never take the same row), held
+claimed with `FOR UPDATE SKIP LOCKED` on PostgreSQL (claimers pass each other by instead of
+queueing on the same rows) and a conditional UPDATE on SQLite — either way two workers or
+nodes never take the same row. A claimed row is held
 under a lease that a heartbeat renews while the work is in hand, handed back on a stop, and
 recovered by their own node at start. A crashed node's rows are taken over when their lease
 runs out."""
@@ -44,6 +46,9 @@ def claim(db: peewee.Database, queue: Queue, *, now: dt.datetime, lease_seconds:
     """Lease up to `limit` due rows (oldest first) to `node`; returns their ids. Claiming
     counts as an attempt, so work that crashes its worker still runs out of attempts."""
     m = queue.model
+    if isinstance(db, peewee.PostgresqlDatabase):
+        return _claim_skip_locked(db, queue, now=now, lease_seconds=lease_seconds, node=node,
+                                  limit=limit)
     # Read the candidates completely first: on SQLite an open read cursor would make the
     # write transaction below fail at once instead of waiting for the lock.
     candidates = [row.id for row in m.select(m.id).where(queue.claimable(now))
@@ -59,6 +64,21 @@ def claim(db: peewee.Database, queue: Queue, *, now: dt.datetime, lease_seconds:
                 if len(claimed) >= limit:
                     break
     return claimed
+
+
+def _claim_skip_locked(db: peewee.Database, queue: Queue, *, now: dt.datetime,
+                       lease_seconds: float, node: str, limit: int) -> list[int]:
+    """One statement: the oldest due rows that no other transaction has locked are locked
+    and leased. A row another claimer is taking is skipped, not waited for; a row taken and
+    committed meanwhile is seen in its new state and no longer matches."""
+    m = queue.model
+    due = (m.select(m.id).where(queue.claimable(now)).order_by(m.next_attempt_at, m.id)
+           .limit(limit).for_update(skip_locked=True))
+    with db.atomic():
+        rows = (m.update(state=queue.working, claimed_by=node, attempts=m.attempts + 1,
+                         lease_until=now + dt.timedelta(seconds=lease_seconds))
+                .where(m.id.in_(due)).returning(m.id).execute())
+        return sorted(row.id for row in rows)
 
 
 def uncounted(model: type[peewee.Model]):

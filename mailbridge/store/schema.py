@@ -171,6 +171,48 @@ def _v9_staff(db: peewee.Database, keys: Keys | None) -> None:
                                                             models.WebSession.member))
 
 
+def _v10_blobs_in_database(db: peewee.Database, keys: Keys | None) -> None:
+    """Blobs kept in the database (`[storage] backend = "database"`)."""
+    db.create_tables([models.Blob, models.BlobChunk], safe=True)
+    if isinstance(db, peewee.PostgresqlDatabase):
+        # Sealed records do not compress: skip TOAST's attempt and store them out of line.
+        db.execute_sql("ALTER TABLE blob_chunk ALTER COLUMN data SET STORAGE EXTERNAL")
+
+
+def _v11_access_requests(db: peewee.Database, keys: Keys | None) -> None:
+    """Requests for access by someone a link was forwarded to."""
+    db.create_tables([models.AccessRequest], safe=True)
+
+
+def _v12_sent_back(db: peewee.Database, keys: Keys | None) -> None:
+    """Documents recipients send back from their library, linked to the original share."""
+    db.create_tables([models.SentBack], safe=True)
+
+
+def _v13_watermark(db: peewee.Database, keys: Keys | None) -> None:
+    """A clinic's own watermark setting (None: the configuration's)."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    if "watermark" not in {c.name for c in db.get_columns("clinic")}:
+        migrate(SchemaMigrator.from_database(db).add_column("clinic", "watermark",
+                                                            models.Clinic.watermark))
+
+
+# The full indexes the partial ones of version 14 replace.
+SUPERSEDED_INDEXES = ("grant_state", "grant_deadline", "grant_account_id",
+                      *(f"audit_event_{ref}_id" for ref in ("document", "member", "account",
+                                                            "inbound", "clinic")))
+
+
+def _v14_partial_indexes(db: peewee.Database, keys: Keys | None) -> None:
+    """Bulk jobs write a million rows at a time: index only the rows queries look for."""
+    for name in SUPERSEDED_INDEXES:
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+    for name, table, column, where in models.PARTIAL_INDEXES:
+        db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table}" ("{column}") '
+                       f"WHERE {where}")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -182,6 +224,13 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (7, "an index on spooled messages' blob ids (orphaned-file sweep)", _v7_blob_index),
     (8, "clinic policies, retention, legal holds and the audit chain", _v8_records),
     (9, "the staff console: members' passwords, codes, passkeys and sessions", _v9_staff),
+    (10, "encrypted blobs kept in the database (shared document storage)",
+     _v10_blobs_in_database),
+    (11, "access requests from forwarded links", _v11_access_requests),
+    (12, "documents sent back by recipients, linked to the original share", _v12_sent_back),
+    (13, "a clinic's own watermark setting", _v13_watermark),
+    (14, "partial indexes for the set-based jobs (pending and unreported grants, references "
+         "that are mostly empty)", _v14_partial_indexes),
 ]
 LATEST = MIGRATIONS[-1][0]
 

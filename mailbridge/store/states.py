@@ -63,10 +63,15 @@ class Mail(StrEnum):
     FIRST_VIEW = "first_view"
     EXPIRY_SUMMARY = "expiry_summary"
     STAFF_CODE = "staff_code"
+    ACCESS_CODE = "access_code"  # to someone asking for access: the code for their address
+    ACCESS_REQUEST = "access_request"  # to the sender: approve or deny
+    ACCESS_REFUSED = "access_refused"  # to the requester: the sender said no
+    DOCUMENTS_RETURNED = "documents_returned"  # to the sender: a recipient sent documents back
 
 
 # To recipients and about their account: no PHI in them, so they may travel in clear.
-NO_PHI_MAIL = (Mail.LINK, Mail.REMINDER, Mail.CODE, Mail.RESET, Mail.REVOKED, Mail.STAFF_CODE)
+NO_PHI_MAIL = (Mail.LINK, Mail.REMINDER, Mail.CODE, Mail.RESET, Mail.REVOKED, Mail.STAFF_CODE,
+               Mail.ACCESS_CODE, Mail.ACCESS_REFUSED)
 # Mail to recipients gets its own return path (VERP), so a bounce names the row it is about.
 VERP_MAIL = (Mail.LINK, Mail.REMINDER)
 
@@ -136,6 +141,27 @@ class Audit(StrEnum):
     STAFF_SIGNED_OUT = "staff_signed_out"
     PASSKEY_ADDED = "passkey_added"
     CONSOLE_ACTION = "console_action"
+    # access requests from forwarded links (actor: the requester's address, or the member)
+    ACCESS_CODE_SENT = "access_code_sent"
+    ACCESS_CODE_FAILED = "access_code_failed"
+    ACCESS_REQUESTED = "access_requested"
+    ACCESS_APPROVED = "access_approved"
+    ACCESS_REFUSED = "access_refused"
+    # documents sent back by a recipient (shares/send_back.py), on the original share
+    DOCUMENTS_RETURNED = "documents_returned"
+    RETURN_REFUSED = "return_refused"  # wrong type, too large, share ended: nothing stored
+    RETURNED_DOCUMENT_VIEWED = "returned_document_viewed"  # in the staff console
+    RETURNED_DOCUMENT_DOWNLOADED = "returned_document_downloaded"
+
+
+class AccessState(StrEnum):
+    """An access request (`access_request.state`); an open one past `expires_at` is expired."""
+
+    UNVERIFIED = "unverified"  # a code was sent; the address is not proven yet
+    OPEN = "open"  # proven; the sender was asked
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
 
 
 def grant_state(state: str, deadline: dt.datetime, now: dt.datetime) -> GrantState:

@@ -19,11 +19,15 @@ from mailbridge.web import (
     documents,
     library,
     link_actions,
+    link_requests,
     links,
+    send_back,
     staff_auth,
     staff_clinic,
     staff_passkeys,
+    staff_requests,
     staff_sent,
+    staff_sent_back,
 )
 from mailbridge.web.access import current_account
 from mailbridge.web.sessions import DatabaseSessionInterface
@@ -56,12 +60,18 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
     app.session_interface = DatabaseSessionInterface(runtime)
     https = settings.service.base_url.lower().startswith("https://")
     CSRFProtect(app)
+    # A shared store (redis://) counts for every process and node of this portal: the key
+    # prefix is the portal's address, so other portals using the same Redis count apart. If
+    # the store is unreachable, each process counts alone until it is back (limits stay on).
+    shared = not settings.web.ratelimit_storage_uri.startswith("memory://")
     limiter = Limiter(get_remote_address, app=app,
                       storage_uri=settings.web.ratelimit_storage_uri, default_limits=[],
-                      headers_enabled=False)
+                      headers_enabled=False, key_prefix=f"mailbridge {settings.service.base_url}",
+                      in_memory_fallback_enabled=shared)
     app.extensions["mailbridge_limiter"] = limiter
     for module in (links, link_actions, accounts, library, documents, staff_auth,
-                   staff_passkeys, staff_sent, staff_clinic):
+                   staff_passkeys, staff_sent, staff_clinic, link_requests, staff_requests,
+                   send_back, staff_sent_back):
         module.register(app, limiter)
 
     @app.context_processor

@@ -3,19 +3,21 @@ request checks the account's grant again, so a revocation stops the very next re
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import unicodedata
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 from flask import Blueprint, Flask, Response, abort, render_template, request
 from flask_limiter import Limiter
 
 from mailbridge.mail.filetypes import KIND_CONTENT_TYPES
-from mailbridge.shares import notify
+from mailbridge.shares import clinics, notify
 from mailbridge.store import sealed
 from mailbridge.store.models import Document, Grant
 from mailbridge.store.states import Audit
-from mailbridge.web import access
+from mailbridge.web import access, watermark
 from mailbridge.web.access import current_account, require_account
 
 bp = Blueprint("documents", __name__)
@@ -67,11 +69,40 @@ def _open_document(document_id: int) -> tuple[Document, Grant]:
     return found
 
 
-def _stream(document: Document, disposition: str, content_type: str) -> Response:
-    # Chunks are decrypted one by one as the client reads them; the file is never held whole.
-    chunks = access.runtime().documents.open(document.blob_id, bytes(document.blob_key))
-    response = Response(chunks, direct_passthrough=True, content_type=content_type)
-    response.headers["Content-Length"] = str(document.size)
+def watermark_on(document: Document) -> bool:
+    return clinics.policy(document.share.clinic, access.runtime().settings).watermark
+
+
+def _stamped(document: Document, grant: Grant) -> bytes | None:
+    """The copy with this recipient's watermark, when the clinic wants one and the type can
+    carry it; None: the original is served."""
+    if not (watermark_on(document) and watermark.stampable(document.kind)):
+        return None
+    timezone = clinics.policy(document.share.clinic, access.runtime().settings).timezone
+    today = (access.now().replace(tzinfo=dt.UTC).astimezone(ZoneInfo(timezone))
+             .strftime("%d %b %Y"))
+    data = b"".join(access.runtime().documents.open(document.blob_id, bytes(document.blob_key)))
+    return watermark.stamp(document.kind, data,
+                           watermark.line(grant.address, today, document.share_id))
+
+
+def _chunks(data: bytes, size: int = 256 * 1024):
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield bytes(view[start:start + size])
+
+
+def _stream(document: Document, disposition: str, content_type: str,
+            stamped: bytes | None = None) -> Response:
+    if stamped is not None:
+        # A stamped copy exists only in memory, for this response; the stored file is untouched.
+        response = Response(_chunks(stamped), direct_passthrough=True, content_type=content_type)
+        response.headers["Content-Length"] = str(len(stamped))
+    else:
+        # Chunks are decrypted one by one as the client reads them; never held whole.
+        chunks = access.runtime().documents.open(document.blob_id, bytes(document.blob_key))
+        response = Response(chunks, direct_passthrough=True, content_type=content_type)
+        response.headers["Content-Length"] = str(document.size)
     name = sealed.document_name(access.runtime().phi_key, document)
     response.headers["Content-Disposition"] = content_disposition(disposition, name)
     return response
@@ -85,7 +116,9 @@ def view(document_id: int):
     return render_template("viewer.html", document=document, share=share,
                            filename=sealed.document_name(access.runtime().phi_key, document),
                            inline=inline_viewable(document),
-                           image=document.kind in IMAGE_KINDS)
+                           image=document.kind in IMAGE_KINDS,
+                           watermark=watermark_on(document),
+                           stampable=watermark.stampable(document.kind))
 
 
 @bp.get("/documents/<int:document_id>/inline")
@@ -94,12 +127,13 @@ def inline(document_id: int):
     document, grant = _open_document(document_id)
     if not inline_viewable(document):
         abort(404)
-    response = _stream(document, "inline", document.content_type)
+    stamped = _stamped(document, grant)
+    response = _stream(document, "inline", document.content_type, stamped)
     response.headers["Content-Security-Policy"] = INLINE_CSP
     response.headers["X-Frame-Options"] = "SAMEORIGIN"
     if request.method == "GET":
         access.record(Audit.DOCUMENT_VIEWED, account=current_account(), document=document,
-                      share=document.share_id, grant=grant)
+                      share=document.share_id, grant=grant, detail=_detail(document, stamped))
         notify.first_view(access.runtime(), grant)
     return response
 
@@ -108,12 +142,20 @@ def inline(document_id: int):
 @require_account
 def download(document_id: int):
     document, grant = _open_document(document_id)
-    response = _stream(document, "attachment", download_type(document))
+    stamped = _stamped(document, grant)
+    response = _stream(document, "attachment", download_type(document), stamped)
     if request.method == "GET":
         access.record(Audit.DOCUMENT_DOWNLOADED, account=current_account(), document=document,
-                      share=document.share_id, grant=grant)
+                      share=document.share_id, grant=grant, detail=_detail(document, stamped))
         notify.first_view(access.runtime(), grant)
     return response
+
+
+def _detail(document: Document, stamped: bytes | None) -> dict | None:
+    """With watermarks on, the audit trail says whether this copy carried one."""
+    if not watermark_on(document):
+        return None
+    return {"watermark": stamped is not None}
 
 
 def register(app: Flask, limiter: Limiter) -> None:

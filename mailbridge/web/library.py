@@ -11,7 +11,7 @@ from flask_limiter import Limiter
 from mailbridge.clock import local_text
 from mailbridge.shares import clinics
 from mailbridge.store import sealed
-from mailbridge.store.models import Account, Clinic, Document, Grant, Member, Share
+from mailbridge.store.models import Account, Clinic, Document, Grant, Member, SentBack, Share
 from mailbridge.store.states import Audit, GrantState
 from mailbridge.web import access
 from mailbridge.web.access import current_account, require_account
@@ -38,6 +38,7 @@ class ShareEntry:
     note_html: str  # sanitised with bleach at intake
     documents: list[DocumentEntry]
     removed_note: str = ""  # why the documents are gone (the clinic's retention policy)
+    can_send_back: bool = False  # "Send documents back" (not on documents sent back themselves)
 
 
 def human_size(size: int) -> str:
@@ -61,6 +62,8 @@ def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
             .order_by(Share.created_at.desc(), Share.id.desc()))
     shares = list({share.id: share for share in rows}.values())  # one entry per share
     documents: dict[int, list[DocumentEntry]] = {share.id: [] for share in shares}
+    returned = {row.share_id for row in SentBack.select(SentBack.share)
+                .where(SentBack.share.in_(list(documents)))} if shares else set()
     if shares:
         query = (Document.select().where(Document.share.in_(list(documents)))
                  .order_by(Document.position, Document.id))
@@ -76,7 +79,8 @@ def library_entries(account: Account, *, archived: bool) -> list[ShareEntry]:
                        shared_at_iso=share.created_at.isoformat() + "Z",
                        note_html=sealed.share_note(runtime.phi_key, share),
                        documents=[] if share.purged_at else documents[share.id],
-                       removed_note=_removed_note(share))
+                       removed_note=_removed_note(share),
+                       can_send_back=share.id not in returned and share.purged_at is None)
             for share in shares]
 
 

@@ -11,7 +11,12 @@ from mailbridge.store.models import Member
 from mailbridge.web import access, sessions
 from mailbridge.web.access import CSP_WITH_SCRIPT
 
-__all__ = ["CSP_WITH_SCRIPT", "current_member", "require_member", "require_admin", "record"]
+__all__ = ["CSP_WITH_SCRIPT", "current_member", "require_member", "require_admin", "record",
+           "page_after_sign_in"]
+
+# The console page a signed-out member asked for (a link in one of our e-mails), kept in the
+# session so that signing in — by password, passkey or a first code — leads there.
+NEXT_PAGE = "staff_next"
 
 
 def current_member() -> Member | None:
@@ -31,7 +36,7 @@ def require_member(view):
     def wrapper(*args, **kwargs):
         member = current_member()
         if member is None:
-            return redirect(url_for("staff_auth.signin_page"))
+            return _to_sign_in()
         return view(member, *args, **kwargs)
 
     return wrapper
@@ -44,12 +49,27 @@ def require_admin(view):
     def wrapper(*args, **kwargs):
         member = current_member()
         if member is None:
-            return redirect(url_for("staff_auth.signin_page"))
+            return _to_sign_in()
         if not member.is_admin:
             abort(404)
         return view(member, *args, **kwargs)
 
     return wrapper
+
+
+def _to_sign_in():
+    if request.method == "GET":
+        session[NEXT_PAGE] = request.full_path.rstrip("?")[:500]
+    return redirect(url_for("staff_auth.signin_page"))
+
+
+def page_after_sign_in() -> str | None:
+    """The console page asked for before signing in, if it is one of ours (never another
+    site: only paths under /staff/ are taken)."""
+    wanted = session.get(NEXT_PAGE)
+    if isinstance(wanted, str) and wanted.startswith("/staff/") and wanted.isprintable():
+        return wanted
+    return None
 
 
 def record(kind: str, member: Member | None, **refs) -> None:

@@ -19,7 +19,12 @@ from mailbridge.store.models import Member, StaffAccount, StaffCode
 from mailbridge.store.states import Audit, Mail
 from mailbridge.web import access, auth, sessions
 from mailbridge.web.passwords import DUMMY_HASH, hash_password, password_problem, verify_password
-from mailbridge.web.staff_access import CSP_WITH_SCRIPT, current_member, record
+from mailbridge.web.staff_access import (
+    CSP_WITH_SCRIPT,
+    current_member,
+    page_after_sign_in,
+    record,
+)
 
 bp = Blueprint("staff_auth", __name__)
 
@@ -71,10 +76,12 @@ def signin():
 
 
 def signed_in(member: Member, how: str, now: dt.datetime):
-    """Start the member's session (a new id: no fixation) and go to their shares."""
+    """Start the member's session (a new id: no fixation) and go to the console page they
+    asked for before signing in, else to their shares."""
+    wanted = page_after_sign_in()
     sessions.sign_in_member(session._get_current_object(), member, now)
     record(Audit.STAFF_SIGNED_IN, member, detail={"with": how})
-    return redirect(url_for("staff_sent.sent"))
+    return redirect(wanted or url_for("staff_sent.sent"))
 
 
 def _signin_error(message: str, status: int):

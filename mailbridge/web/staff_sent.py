@@ -12,7 +12,7 @@ from mailbridge.clock import local_text
 from mailbridge.shares import clinics, console, status
 from mailbridge.shares.lifecycle import LifecycleError
 from mailbridge.store import sealed
-from mailbridge.store.models import Grant, Member, Share
+from mailbridge.store.models import Grant, Member, SentBack, Share
 from mailbridge.store.states import GrantState
 from mailbridge.web import access
 from mailbridge.web.staff_access import require_admin, require_member
@@ -34,15 +34,21 @@ def register(app: Flask, limiter: Limiter) -> None:
 @bp.get("/staff/sent")
 @require_member
 def sent(member: Member):
-    query = Share.select().where(Share.sender == member)
+    query = Share.select().where((Share.sender == member) & _not_sent_back())
     return _listing(member, query, "staff/sent.html", "staff_sent.sent")
 
 
 @bp.get("/staff/clinic")
 @require_admin
 def clinic_shares(member: Member):
-    query = Share.select().where(Share.clinic == member.clinic_id)
+    query = Share.select().where((Share.clinic == member.clinic_id) & _not_sent_back())
     return _listing(member, query, "staff/clinic_shares.html", "staff_sent.clinic_shares")
+
+
+def _not_sent_back():
+    # Documents recipients sent back are kept as shares too; they are listed under the share
+    # they answer (staff/_sent_back.html), not as shares the member made.
+    return Share.id.not_in(SentBack.select(SentBack.share))
 
 
 def _listing(member: Member, query, template: str, endpoint: str):

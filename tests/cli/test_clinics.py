@@ -40,6 +40,16 @@ def test_add_show_set_and_list(cfg):
     assert line == "Riverside PT\tAmerica/Chicago\t0 active member(s)\tlegal hold"
 
 
+def test_watermark_on_off_and_back_to_the_configuration(cfg):
+    ok(cfg, "clinics", "add", "Riverside PT")
+    assert "watermark: off (configuration)" in ok(cfg, "clinics", "show", "Riverside PT")
+    assert "watermark: on\n" in ok(cfg, "clinics", "set", "Riverside PT", "--watermark", "on")
+    out = ok(cfg, "clinics", "set", "Riverside PT", "--watermark", "configuration")
+    assert "watermark: off (configuration)" in out
+    refused = mb(cfg, "clinics", "set", "Riverside PT", "--watermark", "maybe")
+    assert refused.exit_code != 0 and "--watermark" in refused.output
+
+
 @pytest.mark.parametrize(("args", "option"), [
     (["add", "X", "--timezone", "Mars/Olympus"], "--timezone"),
     (["add", "X", "--claim-hours", "0"], "--claim-hours"),

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from mailbridge.config import ConfigError, load_settings, read_imap_password
+from mailbridge.config import (
+    ConfigError,
+    load_settings,
+    read_imap_oauth_secret,
+    read_imap_password,
+)
 from mailbridge.receive.imap_session import server_folder
 from tests.conftest import ROOT
 
@@ -101,3 +106,50 @@ def test_password_from_the_named_variable_or_a_file(tmp_path):
 def test_folder_names_follow_the_servers_separator_and_namespace(name, delimiter, prefix,
                                                                  expected):
     assert server_folder(name, delimiter, prefix) == expected
+
+
+# --- OAuth 2.0 (XOAUTH2) ------------------------------------------------------------------------
+
+MICROSOFT = ENABLED + """auth = "xoauth2"
+oauth_provider = "microsoft"
+oauth_tenant = "contoso.onmicrosoft.com"
+oauth_client_id = "11111111-2222-3333-4444-555555555555"
+"""
+
+
+def test_shipped_config_logs_in_with_a_password():
+    imap = load_settings(ROOT_CONFIG, env={}).imap
+    assert imap.auth == "password" and imap.oauth_provider == ""
+    assert imap.oauth_client_secret_env == "MAILBRIDGE_IMAP_OAUTH_CLIENT_SECRET"
+
+
+def test_oauth_files_are_relative_to_the_config_file_and_secrets_read_on_demand(tmp_path):
+    s = load_settings(write(tmp_path, MICROSOFT + 'oauth_client_secret_file = "secret"\n'
+                            'oauth_ca_file = "ca.pem"\n'), env={})
+    assert s.imap.oauth_client_secret_file == str(tmp_path / "secret")
+    assert s.imap.oauth_ca_file == str(tmp_path / "ca.pem")
+    (tmp_path / "secret").write_text("s3cret\n")
+    assert read_imap_oauth_secret(s, "oauth_client_secret") == "s3cret"
+    assert "s3cret" not in repr(s)
+    s = load_settings(write(tmp_path, MICROSOFT), env={})
+    assert read_imap_oauth_secret(s, "oauth_client_secret",
+                                  env={"MAILBRIDGE_IMAP_OAUTH_CLIENT_SECRET": "e"}) == "e"
+
+
+@pytest.mark.parametrize("text,key", [
+    (ENABLED + 'auth = "oauth"\n', "[imap] auth"),
+    (ENABLED + 'auth = "xoauth2"\n', "[imap] oauth_provider"),
+    (ENABLED + 'auth = "xoauth2"\noauth_provider = "yahoo"\n', "[imap] oauth_provider"),
+    (MICROSOFT.replace('oauth_tenant = "contoso.onmicrosoft.com"\n', ""), "[imap] oauth_tenant"),
+    (MICROSOFT.replace('oauth_client_id = "11111111-2222-3333-4444-555555555555"\n', ""),
+     "[imap] oauth_client_id"),
+    (MICROSOFT + 'oauth_authority = "http://login.example/tenant"\n', "[imap] oauth_authority"),
+    (ENABLED + 'auth = "xoauth2"\noauth_provider = "google"\n',
+     "[imap] oauth_service_account_file"),
+    (ENABLED + 'auth = "xoauth2"\noauth_provider = "google"\noauth_client_id = "x"\n'
+     'token_url = "oauth2.example/token"\n', "[imap] token_url"),
+])
+def test_oauth_mistakes_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(write(tmp_path, text), env={})
+    assert str(excinfo.value).startswith(key)

@@ -422,3 +422,123 @@ def test_received_header_keeps_only_host_name_characters():
                       b"\tFri, 02 Jan 2026 03:04:05 +0000\r\n")
     assert received_header(helo=None, client_ip="", by="p.example", protocol="SMTP").startswith(
         b"Received: from unknown ([unknown])")
+
+
+# --- group commit --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wide_intake(intake):
+    """The intake with four SMTP threads, so three sessions are handled at once."""
+    rt, port = intake
+    controller = make_controller(rt, ThreadPoolExecutor(max_workers=4))
+    controller.port = free_port()
+    controller.start()
+    yield rt, controller.port
+    controller.stop()
+
+
+def spooled_files(rt) -> list:
+    return [p for p in rt.settings.spool_dir.rglob("*") if p.is_file()
+            and not p.name.endswith(".tmp")]
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def lock_spool_table(settings):
+    """Another connection holds the spool table's write lock until the returned function is
+    called: an INSERT into it waits (SQLite: the database's write lock)."""
+    if settings.database.url.startswith("sqlite"):
+        blocker = sqlite3.connect(settings.database.url[len("sqlite:///"):], isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        return blocker.close
+    admin = peewee.PostgresqlDatabase(settings.database.url.rsplit("/", 1)[1], host="127.0.0.1",
+                                      user="postgres")
+    admin.execute_sql("BEGIN")
+    admin.execute_sql("LOCK TABLE inbound_message IN EXCLUSIVE MODE")
+
+    def release():
+        admin.execute_sql("ROLLBACK")
+        admin.close()
+    return release
+
+
+def send_concurrently(port, first, others, rt) -> list:
+    """Send `first`; once it waits for its commit, send `others` at once; each session's
+    SMTP code (250, or the refusal's)."""
+    def one(raw):
+        try:
+            send(port, raw)
+            return 250
+        except smtplib.SMTPDataError as exc:
+            return exc.smtp_code
+
+    import time
+
+    pool = ThreadPoolExecutor(max_workers=1 + len(others))
+    futures = [pool.submit(one, first)]
+    wait_for(lambda: len(spooled_files(rt)) >= 1)
+    time.sleep(0.3)  # its commit is under way (and waiting for the lock)
+    futures += [pool.submit(one, raw) for raw in others]
+    wait_for(lambda: len(spooled_files(rt)) >= 1 + len(others))
+    time.sleep(0.3)  # they wait for the commit in hand to end
+    return [pool, futures]
+
+
+def test_concurrent_sessions_messages_are_committed_together(wide_intake, settings, caplog):
+    rt, port = wide_intake
+    add_jane()
+    caplog.set_level(logging.DEBUG, logger="mailbridge.receive.spool")
+    messages = [bytes(share_message(subject=f"Plan {i}")) for i in range(3)]
+    release = lock_spool_table(settings)
+    try:
+        pool, futures = send_concurrently(port, messages[0], messages[1:], rt)
+        assert not any(f.done() for f in futures), "a 250 before the commit"
+    finally:
+        release()
+    assert [f.result(timeout=30) for f in futures] == [250, 250, 250]
+    pool.shutdown()
+    groups = [r.getMessage() for r in caplog.records if "in one transaction" in r.getMessage()]
+    assert groups == ["spool: 1 message(s) committed in one transaction",
+                      "spool: 2 message(s) committed in one transaction"]
+    assert InboundMessage.select().count() == 3
+    if settings.database.url.startswith("postgresql"):
+        # The database's own record: the last two rows were written by one transaction.
+        xids = [x for (x,) in rt.db.execute_sql(
+            "SELECT xmin::text FROM inbound_message ORDER BY id").fetchall()]
+        assert xids[1] == xids[2] != xids[0]
+
+
+def test_a_failing_group_commit_answers_451_to_each_message(wide_intake, settings, caplog):
+    rt, port = wide_intake
+    add_jane()
+    caplog.set_level(logging.DEBUG, logger="mailbridge.receive.spool")
+    messages = [bytes(share_message(subject=f"Plan {i}")) for i in range(3)]
+    postgres = settings.database.url.startswith("postgresql")
+    name = settings.database.url.rsplit("/", 1)[1]
+    if postgres:  # SQLite gives up on a lock after its busy timeout; PostgreSQL is told to
+        rt.db.execute_sql(f"ALTER DATABASE {name} SET lock_timeout = '1s'")
+    release = lock_spool_table(settings)
+    try:
+        pool, futures = send_concurrently(port, messages[0], messages[1:], rt)
+        codes = [f.result(timeout=60) for f in futures]
+    finally:
+        release()
+        if postgres:
+            rt.db.execute_sql(f"ALTER DATABASE {name} RESET lock_timeout")
+    pool.shutdown()
+    assert codes == [451, 451, 451]
+    failed = [r.getMessage() for r in caplog.records if "commit of" in r.getMessage()]
+    assert failed == ["spool: a commit of 1 message(s) failed",
+                      "spool: a commit of 2 message(s) failed"]
+    assert InboundMessage.select().count() == 0
+    assert not spooled_files(rt), "blob left behind"
+    send(port, bytes(share_message()))  # the senders' MTAs retry: now it goes through
+    assert InboundMessage.select().count() == 1

@@ -8,9 +8,12 @@ import datetime as dt
 import re
 import threading
 
+from peewee import fn
+
 from mailbridge import schedule
 from mailbridge.clock import ManualClock
 from mailbridge.shares import jobs, lifecycle
+from mailbridge.store import audit
 from mailbridge.store.models import (
     AuditEvent,
     Grant,
@@ -218,6 +221,48 @@ def test_concurrent_runs_send_each_email_once(runtime):
     assert sorted(row.share_id for row, _ in sent(rt, "expiry_summary")) == [
         s.id for s in shares]
     assert AuditEvent.select().where(AuditEvent.kind == "grant_expired").count() == 8
+
+
+# --- in bulk --------------------------------------------------------------------------------
+
+
+def seed_due(now: dt.datetime, count: int, per_share: int = 4) -> None:
+    """`count` pending grants past their deadline, `per_share` to a share, inserted in bulk."""
+    member = add_jane()
+    shares = [dict(clinic=member.clinic, sender=member, created_at=now, dedupe_key=f"bulk-{i}",
+                   reply_key_hash=f"bulk-{i}") for i in range(-(-count // per_share))]
+    for start in range(0, len(shares), 2000):
+        Share.insert_many(shares[start:start + 2000]).execute()
+    share_ids = [s.id for s in Share.select(Share.id).order_by(Share.id)]
+    grants = [dict(share=share_ids[i // per_share], address=f"r{i}@ortho.example",
+                   token_hash=f"bulk-{i}", state="pending", deadline=now - dt.timedelta(hours=1),
+                   created_at=now - dt.timedelta(hours=25)) for i in range(count)]
+    for start in range(0, count, 2000):
+        Grant.insert_many(grants[start:start + 2000]).execute()
+
+
+def test_bulk_expiry_by_two_nodes_audits_each_grant_once_in_a_chain_that_verifies(runtime):
+    clock = ManualClock(dt.datetime(2026, 11, 28, 12, 0))
+    rt = dataclasses.replace(runtime, clock=clock)
+    seed_due(clock(), 25_000)
+    audit.record(rt.audit_key, "document_viewed", clock(), actor="before@x.example")
+    # Two nodes at once, each in batches smaller than the whole.
+    results = in_threads(rt, lambda r: jobs.expire_grants(r, batch=4000), count=2)
+    assert sum(results) == 25_000
+    assert Grant.select().where(Grant.state == "pending").count() == 0
+    assert Grant.select().where((Grant.state == "expired")
+                                & (Grant.ended_at == clock())).count() == 25_000
+    events = (AuditEvent.select(AuditEvent.grant, fn.COUNT(AuditEvent.id).alias("n"))
+              .where(AuditEvent.kind == "grant_expired").group_by(AuditEvent.grant))
+    per_grant = {row.grant_id: row.n for row in events}
+    assert len(per_grant) == 25_000 and set(per_grant.values()) == {1}
+    # Each event names its own grant's share.
+    assert not (AuditEvent.select().join(Grant, on=(AuditEvent.grant == Grant.id))
+                .where(AuditEvent.share != Grant.share).exists())
+    assert jobs.expire_grants(rt, batch=4000) == 0  # nothing left for a third run
+    verdict = audit.verify(rt.audit_key)
+    assert verdict.ok, verdict
+    assert verdict.checked == 25_001 and audit.head()[0] == 25_001
 
 
 # --- outbox and spool, once ------------------------------------------------------------------

@@ -90,6 +90,20 @@ def test_purge_deletes_only_what_retention_allows(runtime):
     assert purge.purge(rt) == 0
 
 
+def test_a_backlog_is_deleted_in_batches_and_all_of_it(runtime):
+    rt = configured(runtime)
+    account = make_account(rt, SMITH)
+    start = rt.clock()
+    WebSession.insert_many([dict(id_hash=f"s{i}", account=account, created_at=start,
+                                 last_seen_at=start, ended_at=start) for i in range(7)]).execute()
+    rt.clock.advance(days=31)
+    WebSession.create(id_hash="open", account=account, created_at=rt.clock(),
+                      last_seen_at=rt.clock())
+    assert purge.purge(rt, delete_batch=3) == 7  # three statements: 3, 3 and 1
+    assert [s.id_hash for s in WebSession.select()] == ["open"]
+    assert purge.purge(rt, delete_batch=3) == 0
+
+
 # --- the command line ------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
+from mailbridge.store.blob_format import DEFAULT_CHUNK_SIZE
 from mailbridge.store.blobs import (
     LocalBlobStore,
     StorageError,
@@ -78,7 +79,17 @@ def test_default_chunk_size_round_trip(tmp_path: Path, master_key: bytes) -> Non
     blob = put_bytes(store, data)
     chunks = list(store.open(blob.blob_id, blob.wrapped_key))
     assert b"".join(chunks) == data
-    assert len(chunks) == 4
+    assert len(chunks) == 3 * 1024 * 1024 // DEFAULT_CHUNK_SIZE + 1
+
+
+def test_blobs_written_with_the_old_chunk_size_still_open(tmp_path: Path,
+                                                          master_key: bytes) -> None:
+    """The chunk size is in each blob's header: documents stored before the default changed
+    (1 MiB chunks) open with today's store."""
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    old = put_bytes(LocalBlobStore(tmp_path, master_key, chunk_size=1024 * 1024), data)
+    chunks = list(LocalBlobStore(tmp_path, master_key).open(old.blob_id, old.wrapped_key))
+    assert b"".join(chunks) == data and len(chunks) == 3
 
 
 def test_each_blob_gets_its_own_id_and_key(store: LocalBlobStore) -> None:

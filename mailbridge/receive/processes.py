@@ -1,0 +1,167 @@
+"""Worker processes (`[worker] processes`): each a spawned Python process with its own runtime
+and database connections, running the spool worker and the outbox dispatcher; the parent
+restarts one that dies and stops them all within the stop timeout."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+
+from mailbridge.logs import configure_logging
+from mailbridge.outbound import outbox
+from mailbridge.outbound.dispatcher import Dispatcher
+from mailbridge.outbound.mailer import make_mailer
+from mailbridge.receive import spool
+from mailbridge.receive.worker import Worker
+from mailbridge.runtime import build_runtime
+from mailbridge.settings import Settings
+from mailbridge.shares import notify
+
+log = logging.getLogger(__name__)
+
+SPAWN = multiprocessing.get_context("spawn")  # no fork: no copied locks, threads or sockets
+RESTART_DELAY_SECONDS = 1.0
+RESTART_DELAY_MAX_SECONDS = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+def claim_id(node: str, role: str, index: int) -> str:
+    """The name a worker process claims rows under. Each process has its own, so a restarted
+    process resumes exactly what its dead predecessor held, never a live sibling's rows."""
+    return f"{node}/{role}{index}"
+
+
+class WorkerProcesses:
+    """`count` worker processes of one node. Intake and the portal in the parent wake them
+    through the shared events `wake_worker` and `wake_dispatcher`."""
+
+    def __init__(self, settings: Settings, node: str, count: int, role: str = "serve") -> None:
+        self.settings = settings
+        self.ids = [claim_id(node, role, i + 1) for i in range(count)]
+        self.wake_worker = SPAWN.Event()
+        self.wake_dispatcher = SPAWN.Event()
+        self._stop_all = SPAWN.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._procs: list = [None] * count
+        self._started_at = [0.0] * count
+        self._delay = [RESTART_DELAY_SECONDS] * count
+        self._supervisor: threading.Thread | None = None
+
+    def start(self) -> None:
+        for i in range(len(self.ids)):
+            self._spawn(i)
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                            name="mailbridge-workers")
+        self._supervisor.start()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.pid]
+
+    def _spawn(self, i: int) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            proc = SPAWN.Process(target=run, name=f"mailbridge-worker-{i + 1}", daemon=False,
+                                 args=(self.settings, self.ids[i], self.wake_worker,
+                                       self.wake_dispatcher, self._stop_all, os.getpid()))
+            proc.start()
+            self._procs[i] = proc
+            self._started_at[i] = time.monotonic()
+
+    def _supervise(self) -> None:
+        """Restart a process that died (a crash, the OOM killer), after a delay that doubles
+        while it keeps dying within a minute of its start."""
+        while not self._stopping.wait(0.5):
+            for i, proc in enumerate(self._procs):
+                if proc is None or proc.is_alive() or self._stopping.is_set():
+                    continue
+                lived = time.monotonic() - self._started_at[i]
+                self._delay[i] = (RESTART_DELAY_SECONDS if lived > 60
+                                  else min(self._delay[i] * 2, RESTART_DELAY_MAX_SECONDS))
+                log.warning("worker process %d ended (exit status %s); restarting it in %g s",
+                            i + 1, proc.exitcode, self._delay[i])
+                if not self._stopping.wait(self._delay[i]):
+                    self._spawn(i)
+        # Processes started here die with this thread (PR_SET_PDEATHSIG follows the thread
+        # that started them): it ends only once they have.
+        for proc in self._procs:
+            if proc is not None:
+                proc.join()
+
+    def signal_stop(self) -> None:
+        """Every process finishes the item in hand and hands the rest back."""
+        with self._lock:
+            self._stopping.set()
+        self._stop_all.set()
+        self.wake_worker.set()
+        self.wake_dispatcher.set()
+
+    def stop(self, timeout: float) -> bool:
+        """True if every process ended within `timeout`; the others are killed (what they
+        held is resumed by the same process number at the next start)."""
+        self.signal_stop()
+        deadline = time.monotonic() + timeout
+        ended = True
+        for i, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker process %d did not finish in time; killed (its work is "
+                            "resumed at start)", i + 1)
+                proc.kill()
+                proc.join(2)
+                ended = False
+        return ended
+
+
+def run(settings: Settings, claimer: str, wake_worker, wake_dispatcher, stop_all,
+        parent_pid: int) -> None:
+    """A worker process: the spool worker and the outbox dispatcher as threads, until the
+    parent says stop (or SIGTERM, as systemd sends to every process of the service). If the
+    parent dies, this process dies with it, as on a machine going down."""
+    _die_with_parent(parent_pid)
+    os.umask(0o077)
+    configure_logging(settings.service.log_level)
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
+    signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))
+    runtime = dataclasses.replace(build_runtime(settings), wake_worker=wake_worker,
+                                  wake_dispatcher=wake_dispatcher)
+    spool.recover(runtime, claimer)
+    outbox.recover(runtime, claimer)
+    worker = Worker(runtime, claimer)
+    dispatcher = Dispatcher(runtime, make_mailer(settings), node=claimer,
+                            on_failure=notify.mail_failed,
+                            out=lambda line: print(line, flush=True))
+    worker.start()
+    dispatcher.start()
+    # The parent's word is seen at once; a SIGTERM of our own within a fifth of a second.
+    while not stop_all.wait(0.2) and signals.empty():
+        if os.getppid() != parent_pid:  # no PR_SET_PDEATHSIG here
+            os._exit(1)
+    timeout = settings.service.stop_timeout_seconds
+    deadline = time.monotonic() + timeout
+    worker.signal_stop()
+    dispatcher.signal_stop()
+    worker.stop(timeout)
+    dispatcher.stop(max(0.0, deadline - time.monotonic()))
+    runtime.db.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this process when its parent dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the line above
+        os._exit(1)
