@@ -147,6 +147,7 @@ def share_request(mail: Mail) -> None:
     expect("share_request", result, (request.ParsedShare, Reject))
     if isinstance(result, request.ParsedShare):
         _share_ok(result)
+        _receipt_written(mail, result)
         return
     _reject_ok("share_request", result)
     _member_hears(mail, result)
@@ -169,6 +170,15 @@ def _member_hears(mail: Mail, result: Reject) -> None:
                                   in_reply_to=identity.message_id(mail.message),
                                   original=reply.original_of(mail.message, "America/New_York"))
     notice.as_bytes()
+
+
+def _receipt_written(mail: Mail, result: request.ParsedShare) -> None:
+    """The receipt create_share sends: the title and the Message-ID end up in its headers."""
+    compose.receipt_email(
+        mail.settings, to=MEMBER, sender_name="Jane Doe", share_title=result.title,
+        recipients=result.recipients, filenames=[a.filename for a in result.attachments],
+        deadline_text="Sunday", reply_address="reply+key@reply.portal.example",
+        in_reply_to=identity.message_id(mail.message)).as_bytes()
 
 
 def _share_ok(result: request.ParsedShare) -> None:
@@ -248,6 +258,12 @@ def reply_command(mail: Mail) -> None:
     found = command.parse_command(line)
     expect("reply_command", found, (command.Command,))
     storable("reply_command", [line, found.argument], "command")
+    # The answer keeps the member's subject (Re: ...), so mail clients group the thread.
+    compose.command_reply_email(
+        mail.settings, to=MEMBER, command="help",
+        values={"recognised": found.recognised, "sender_name": "Jane Doe", "claim_hours": "24"},
+        reply_address=None, in_reply_to=identity.message_id(mail.message),
+        thread_subject=reply.original_of(mail.message, "UTC").subject).as_bytes()
 
 
 def delivery_report(mail: Mail) -> None:

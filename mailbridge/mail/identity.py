@@ -38,9 +38,10 @@ def message_keys(raw: bytes, message: EmailMessage) -> list[str]:
 def message_id(message: EmailMessage) -> str | None:
     """The Message-ID to quote in our answer's In-Reply-To and References: one `<id>` of
     printable ASCII, else None. Read through mime.header_text, as the stdlib's own reading
-    raises on some hostile values (an encoded-word decoding to a lone surrogate)."""
+    raises on some hostile values (an encoded-word decoding to a lone surrogate); none with
+    `=?` in it, which the stdlib would decode as an encoded-word when we write it out."""
     text = header_text(message, "Message-ID").strip()
-    return text if _MESSAGE_ID.fullmatch(text) else None
+    return text if _MESSAGE_ID.fullmatch(text) and "=?" not in text else None
 
 
 _MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,900}>")

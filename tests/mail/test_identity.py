@@ -60,6 +60,7 @@ def test_only_the_first_id_of_the_field_is_quoted(value):
 @pytest.mark.parametrize("value", [
     b"=?utf-7?q?+2AA-?=",  # the stdlib raised reading it
     b"<caf\xc3\xa9@x.example>", b"no brackets@x.example", b"<>", b"",
+    b"<0e2b9-=??q?a=FF?=1f@sunrise-pt.example>",  # decoded as an encoded-word when written
 ])
 def test_anything_else_is_no_message_id_to_quote(value):
     assert identity.message_id(with_message_id(value)) is None

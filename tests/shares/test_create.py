@@ -127,3 +127,18 @@ def test_a_message_id_the_parser_cannot_read_still_makes_the_share(no_auth, mess
     assert Share.select().count() == 1
     receipt = OutboundMessage.get(OutboundMessage.kind == "receipt")
     assert receipt.to_addr == MEMBER
+
+
+def test_a_subject_that_decodes_to_an_encoded_word_still_makes_the_share(no_auth):
+    # The title "=?utf-7?q?+2AA-?=" (decoded from the member's subject) was decoded again when
+    # set as the receipt's Subject, raised, and parked the message as failed.
+    rt = no_auth
+    add_jane()
+    raw = wire(share_message(subject="placeholder")).replace(
+        b"Subject: placeholder", b"Subject: =?utf-8?q?=3D=3Futf-7=3Fq=3F+2AA-=3F=3D?=")
+    spool.enqueue(rt, raw, channel="smtp", envelope_from="x@clinic.example",
+                  envelope_to=["share@portal.example"])
+    assert worker.run_once(rt, "node-a")
+    assert InboundMessage.get().state == "done"
+    assert Share.select().count() == 1
+    assert OutboundMessage.get(OutboundMessage.kind == "receipt").to_addr == MEMBER
