@@ -87,12 +87,19 @@ def _run_job(runtime: Runtime, name: str, stop: Stop) -> int:
     return done
 
 
-def build_scheduler(runtime: Runtime,
-                    stop: threading.Event | None = None) -> BackgroundScheduler:
-    """The jobs on their intervals; `stop` ends a running job between batches."""
+# What a node without workers (`serve --no-worker`) leaves to the nodes that have them.
+WORKER_JOBS = ("outbox", "spool")
+
+
+def build_scheduler(runtime: Runtime, stop: threading.Event | None = None, *,
+                    workers: bool = True) -> BackgroundScheduler:
+    """The jobs on their intervals; `stop` ends a running job between batches. Without
+    `workers`, the outbox and spool jobs are left out."""
     stop = stop if stop is not None else threading.Event()
     scheduler = BackgroundScheduler(timezone="UTC")
     for name, (_function, seconds) in JOBS.items():
+        if not workers and name in WORKER_JOBS:
+            continue
         guarded = functools.partial(_guarded, name, Outage(log, name), runtime, stop)
         # coalesce + a grace time: runs missed while the service was down happen once at start.
         scheduler.add_job(guarded, "interval", seconds=seconds, id=name, name=name,

@@ -76,7 +76,8 @@ class Service:
         self.dispatcher = (Dispatcher(runtime, make_mailer(settings), node=self.claimer,
                                       on_failure=notify.mail_failed) if threads else None)
         self._jobs_stop = threading.Event()
-        self.scheduler = build_scheduler(runtime, self._jobs_stop) if scheduler else None
+        self.scheduler = (build_scheduler(runtime, self._jobs_stop, workers=worker)
+                          if scheduler else None)
         self.web = None
         if web:
             settings = runtime.settings.web

@@ -91,28 +91,49 @@ def seed(runtime, grants: int, deadline: dt.datetime, tag: str) -> None:
         db.execute_sql('ANALYZE "grant"')
 
 
-def timed(runtime, name: str, profile: bool = False) -> tuple[int, float]:
+def server_cpu(db) -> float | None:
+    """CPU seconds used so far by this connection's PostgreSQL backend (same machine)."""
+    if "sqlite" in type(db).__name__.lower():
+        return None
+    pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(runtime, name: str, profile: bool = False) -> tuple[int, float, str]:
+    """Runs the job once: (count, wall seconds, the CPU it used — this process's, and the
+    PostgreSQL backend's — and the load average, since the machine may be shared)."""
     profiler = None
     if profile:
         from pyinstrument import Profiler
 
         profiler = Profiler(interval=0.005)
         profiler.start()
-    started = time.perf_counter()
+    backend = server_cpu(runtime.db)
+    started, cpu = time.perf_counter(), time.process_time()
     done = schedule.run_job(runtime, name)
     elapsed = time.perf_counter() - started
+    used = f"CPU: this process {time.process_time() - cpu:.2f} s"
+    if backend is not None:
+        after = server_cpu(runtime.db)
+        used += f", PostgreSQL backend {after - backend:.2f} s" if after is not None else ""
+    used += f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     if profiler is not None:
         profiler.stop()
         lines = profiler.output_text(unicode=False, color=False, show_all=False).splitlines()
-        print("\n".join(["  profile (pyinstrument) of expire, top lines:",
+        print("\n".join([f"  profile (pyinstrument) of {name}, top lines:",
                          *("    " + line for line in lines[:45])]))
-    return done, elapsed
+    return done, elapsed, used
 
 
 def run(root: Path, url: str, args) -> None:
     cfg = root / "config.toml"
     cfg.write_text(CONFIG.format(url=url))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBRIDGE_")}
+    env["PYTHONPATH"] = str(ROOT)  # this tree's mailbridge, as imported here
     subprocess.run([sys.executable, "-m", "mailbridge", "--config", str(cfg), "init"],
                    check=True, env=env, stdout=subprocess.DEVNULL, cwd=root)
     runtime = build_runtime(load_settings(cfg, env={}))
@@ -127,7 +148,7 @@ def run(root: Path, url: str, args) -> None:
         print(f"jobs, {engine} (on {os.cpu_count()} CPUs): seeded {args.grants:,} due and "
               f"{args.remind:,} soon-due grants in {time.perf_counter() - started:.1f} s")
         before = audit.head()[0]
-        expired, seconds = timed(runtime, "expire", args.profile)
+        expired, seconds, used = timed(runtime, "expire", args.profile)
         events = AuditEvent.select().where(AuditEvent.seq > before).count()
         left = Grant.select().where((Grant.state == "pending")
                                     & (Grant.deadline <= now)).count()
@@ -136,14 +157,14 @@ def run(root: Path, url: str, args) -> None:
         goal_rate = GOAL_GRANTS / GOAL_SECONDS
         print(f"  expire: {expired:,} grants in {seconds:.2f} s = {rate:,.0f} grants/s, "
               f"{events:,} audit events; ratio to the goal ({GOAL_GRANTS:,} in "
-              f"{GOAL_SECONDS:g} s): {rate / goal_rate:.2f}")
-        again, again_s = timed(runtime, "expire")
+              f"{GOAL_SECONDS:g} s): {rate / goal_rate:.2f}\n    ({used})")
+        again, again_s, _ = timed(runtime, "expire")
         print(f"  expire again: {again} grants in {again_s:.3f} s (idempotent)")
         if args.remind:
-            reminded, seconds = timed(runtime, "remind")
+            reminded, seconds, used = timed(runtime, "remind")
             assert reminded == args.remind, reminded
             print(f"  remind: {reminded:,} reminders queued in {seconds:.2f} s = "
-                  f"{reminded / seconds:,.0f} grants/s")
+                  f"{reminded / seconds:,.0f} grants/s\n    ({used})")
         if args.verify:
             started = time.perf_counter()
             verdict = audit.verify(runtime.audit_key)

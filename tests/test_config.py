@@ -246,6 +246,24 @@ def test_an_lmtp_socket_path_is_relative_to_the_config_file(tmp_path):
     assert s.lmtp.socket == str(tmp_path / "run" / "lmtp.sock")
 
 
+@pytest.mark.parametrize(("extra", "key"), [
+    ("[worker]\nprocesses = -1\n", "[worker] processes"),
+    ("[worker]\nprocesses = 1000\n", "[worker] processes"),
+    ("[worker]\nbatch = 0\n", "[worker] batch"),
+])
+def test_worker_process_mistakes_name_the_key(tmp_path, extra, key):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, MINIMAL + "\n" + extra), env={})
+    assert str(info.value).startswith(key)
+
+
+def test_worker_processes_default_to_the_number_of_cpus(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL), env={"MAILBRIDGE_WORKER_BATCH": "2"})
+    assert s.worker.processes == (os.cpu_count() or 1) and s.worker.batch == 2
+    zero = load_settings(write(tmp_path, MINIMAL + "\n[worker]\nprocesses = 0\n"), env={})
+    assert zero.worker.processes == 0
+
+
 def test_storage_backend_is_local_unless_set_and_checked(tmp_path):
     assert load_settings(write(tmp_path, MINIMAL), env={}).storage.backend == "local"
     shared = load_settings(write(tmp_path, MINIMAL + '\n[storage]\nbackend = "database"\n'),

@@ -150,3 +150,10 @@ def test_a_stopping_service_ends_the_outbox_and_spool_jobs_between_items(runtime
     assert schedule.process_spool(runtime, stop=stop) == 0
     assert schedule.dispatch_outbox(runtime, stop=stop) == 0
     assert InboundMessage.get().state == "queued"
+
+
+def test_a_node_without_workers_leaves_the_outbox_and_spool_jobs_to_others(runtime):
+    everything = schedule.build_scheduler(runtime)
+    intake_only = schedule.build_scheduler(runtime, workers=False)
+    assert {job.id for job in everything.get_jobs()} == set(schedule.JOBS)
+    assert {job.id for job in intake_only.get_jobs()} == set(schedule.JOBS) - {"outbox", "spool"}

@@ -165,15 +165,15 @@ def _deliver(runtime: Runtime, mailer: Mailer, row: OutboundMessage,
             log.error("outbox #%d: unexpected %s while sending", row.id, type(exc).__name__)
             return _retry(runtime, row, on_failure, f"unexpected error ({type(exc).__name__})")
         # The relay has it and it is recorded: a failing QUIT changes nothing.
-    if row.kind in ("link", "code", "reset") and isinstance(mailer, MaildirMailer):
+    if row.kind in ("link", "code", "reset", "access_code") and isinstance(mailer, MaildirMailer):
         # Local demo only: what a person needs from the e-mail (link or code), printed.
         # Grant id and recipient domain tell links apart; the full address stays out of logs.
         whom = (f" (grant #{row.grant_id}, to …@{row.to_addr.rpartition('@')[2]})"
                 if row.grant_id is not None else "")
         for url in mailer.find_links(raw):
             out(f"{row.kind} e-mail #{row.id}{whom} written to {mailer.path}: {url}")
-        if row.kind == "code":
-            out(f"code e-mail #{row.id} written to {mailer.path}: {mailer.subject(raw)}")
+        if row.kind in ("code", "access_code"):
+            out(f"{row.kind} e-mail #{row.id} written to {mailer.path}: {mailer.subject(raw)}")
     return "sent"
 
 

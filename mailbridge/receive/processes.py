@@ -1,12 +1,11 @@
 """Worker processes (`[worker] processes`): each a spawned Python process with its own runtime
-and database connections, running the spool worker and the outbox dispatcher; the parent
-restarts one that dies and stops them all within the stop timeout."""
+and database connections, running the spool worker and the outbox dispatcher, woken through a
+pipe; the parent restarts one that dies and stops them all within the stop timeout."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -31,6 +30,7 @@ SPAWN = multiprocessing.get_context("spawn")  # no fork: no copied locks, thread
 RESTART_DELAY_SECONDS = 1.0
 RESTART_DELAY_MAX_SECONDS = 30.0
 PR_SET_PDEATHSIG = 1
+WAKE_WORKER, WAKE_DISPATCHER = b"w", b"d"
 
 
 def claim_id(node: str, role: str, index: int) -> str:
@@ -39,18 +39,36 @@ def claim_id(node: str, role: str, index: int) -> str:
     return f"{node}/{role}{index}"
 
 
+class Fanout(threading.Event):
+    """The parent's `wake_worker` / `wake_dispatcher`: `set()` also writes `code` to every
+    worker process's wake pipe. A pipe, not a shared lock: a process killed at any moment
+    cannot leave the others waiting on something it held."""
+
+    def __init__(self, code: bytes, writers: dict, lock: threading.Lock) -> None:
+        super().__init__()
+        self.code, self.writers, self.lock = code, writers, lock
+
+    def set(self) -> None:
+        super().set()
+        with self.lock:  # a pipe being replaced is never written to after its close
+            for writer in self.writers.values():
+                with contextlib.suppress(OSError):  # full (already woken), or its reader died
+                    os.write(writer.fileno(), self.code)
+
+
 class WorkerProcesses:
-    """`count` worker processes of one node. Intake and the portal in the parent wake them
-    through the shared events `wake_worker` and `wake_dispatcher`."""
+    """`count` worker processes of one node, woken by intake and the portal in the parent
+    through `wake_worker` and `wake_dispatcher`, stopped by SIGTERM."""
 
     def __init__(self, settings: Settings, node: str, count: int, role: str = "serve") -> None:
         self.settings = settings
         self.ids = [claim_id(node, role, i + 1) for i in range(count)]
-        self.wake_worker = SPAWN.Event()
-        self.wake_dispatcher = SPAWN.Event()
-        self._stop_all = SPAWN.Event()
-        self._stopping = threading.Event()
+        self._writers: dict = {}  # process number: write end (Connection) of its wake pipe
         self._lock = threading.Lock()
+        self.wake_worker = Fanout(WAKE_WORKER, self._writers, self._lock)
+        self.wake_dispatcher = Fanout(WAKE_DISPATCHER, self._writers, self._lock)
+        self._stopping = threading.Event()
+        self._ended = threading.Event()
         self._procs: list = [None] * count
         self._started_at = [0.0] * count
         self._delay = [RESTART_DELAY_SECONDS] * count
@@ -70,10 +88,16 @@ class WorkerProcesses:
         with self._lock:
             if self._stopping.is_set():
                 return
+            reader, writer = SPAWN.Pipe(duplex=False)
             proc = SPAWN.Process(target=run, name=f"mailbridge-worker-{i + 1}", daemon=False,
-                                 args=(self.settings, self.ids[i], self.wake_worker,
-                                       self.wake_dispatcher, self._stop_all, os.getpid()))
+                                 args=(self.settings, self.ids[i], reader, os.getpid()))
             proc.start()
+            reader.close()  # the child has its own copy now
+            os.set_blocking(writer.fileno(), False)
+            old = self._writers.pop(i, None)
+            if old is not None:
+                old.close()
+            self._writers[i] = writer
             self._procs[i] = proc
             self._started_at[i] = time.monotonic()
 
@@ -82,7 +106,7 @@ class WorkerProcesses:
         while it keeps dying within a minute of its start."""
         while not self._stopping.wait(0.5):
             for i, proc in enumerate(self._procs):
-                if proc is None or proc.is_alive() or self._stopping.is_set():
+                if self._stopping.is_set() or proc is None or proc.is_alive():
                     continue
                 lived = time.monotonic() - self._started_at[i]
                 self._delay[i] = (RESTART_DELAY_SECONDS if lived > 60
@@ -92,18 +116,17 @@ class WorkerProcesses:
                 if not self._stopping.wait(self._delay[i]):
                     self._spawn(i)
         # Processes started here die with this thread (PR_SET_PDEATHSIG follows the thread
-        # that started them): it ends only once they have.
-        for proc in self._procs:
-            if proc is not None:
-                proc.join()
+        # that started them): it ends only once `stop` has seen them all end. (It does not
+        # join them itself: two threads reaping one process make one of them think it runs.)
+        self._ended.wait()
 
     def signal_stop(self) -> None:
         """Every process finishes the item in hand and hands the rest back."""
         with self._lock:
             self._stopping.set()
-        self._stop_all.set()
-        self.wake_worker.set()
-        self.wake_dispatcher.set()
+            for proc in self._procs:
+                if proc is not None and proc.is_alive():
+                    proc.terminate()  # SIGTERM: the worker process's graceful stop
 
     def stop(self, timeout: float) -> bool:
         """True if every process ended within `timeout`; the others are killed (what they
@@ -121,32 +144,37 @@ class WorkerProcesses:
                 proc.kill()
                 proc.join(2)
                 ended = False
+        self._ended.set()
         return ended
 
 
-def run(settings: Settings, claimer: str, wake_worker, wake_dispatcher, stop_all,
-        parent_pid: int) -> None:
-    """A worker process: the spool worker and the outbox dispatcher as threads, until the
-    parent says stop (or SIGTERM, as systemd sends to every process of the service). If the
-    parent dies, this process dies with it, as on a machine going down."""
+def run(settings: Settings, claimer: str, wakes, parent_pid: int) -> None:
+    """A worker process: the spool worker and the outbox dispatcher as threads, until SIGTERM
+    (from the parent, or from systemd to every process of the service). If the parent dies,
+    this process dies with it, as on a machine going down."""
     _die_with_parent(parent_pid)
     os.umask(0o077)
     configure_logging(settings.service.log_level)
-    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
-    signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))
-    runtime = dataclasses.replace(build_runtime(settings), wake_worker=wake_worker,
-                                  wake_dispatcher=wake_dispatcher)
+    runtime = build_runtime(settings)
+    threading.Thread(target=_relay_wakes, args=(wakes, runtime), daemon=True,
+                     name="wake-relay").start()
     spool.recover(runtime, claimer)
     outbox.recover(runtime, claimer)
     worker = Worker(runtime, claimer)
     dispatcher = Dispatcher(runtime, make_mailer(settings), node=claimer,
                             on_failure=notify.mail_failed,
                             out=lambda line: print(line, flush=True))
+    # Until here a SIGTERM ends the process at once (nothing is in hand yet); from here on
+    # it is a graceful stop.
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))
     worker.start()
     dispatcher.start()
-    # The parent's word is seen at once; a SIGTERM of our own within a fifth of a second.
-    while not stop_all.wait(0.2) and signals.empty():
+    while True:
+        with contextlib.suppress(queue.Empty):
+            signals.get(timeout=0.5)
+            break
         if os.getppid() != parent_pid:  # no PR_SET_PDEATHSIG here
             os._exit(1)
     timeout = settings.service.stop_timeout_seconds
@@ -156,6 +184,22 @@ def run(settings: Settings, claimer: str, wake_worker, wake_dispatcher, stop_all
     worker.stop(timeout)
     dispatcher.stop(max(0.0, deadline - time.monotonic()))
     runtime.db.close()
+
+
+def _relay_wakes(wakes, runtime) -> None:
+    """Bytes from the parent's wake pipe become this process's own wake events."""
+    fd = wakes.fileno()
+    while True:
+        try:
+            data = os.read(fd, 512)
+        except OSError:
+            return
+        if not data:  # the parent is gone
+            return
+        if WAKE_WORKER in data:
+            runtime.wake_worker.set()
+        if WAKE_DISPATCHER in data:
+            runtime.wake_dispatcher.set()
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -204,6 +204,14 @@ def _already(row: AccessRequest, now: dt.datetime) -> str:
     return ""
 
 
+def purge_unverified(cutoff: dt.datetime) -> int:
+    """Delete requests whose code was never entered and died before `cutoff` (the purge job,
+    `[retention] code_days`): nothing but a dead code hash. Asked requests are records."""
+    return (AccessRequest.delete()
+            .where((AccessRequest.state == AccessState.UNVERIFIED)
+                   & (AccessRequest.code_expires_at < cutoff)).execute())
+
+
 def _code_hash(request_id: int, code: str) -> str:
     # Bound to the request: a code sent for one request proves nothing for another.
     return tokens.hash_token(f"access:{request_id}:{code}")

@@ -10,7 +10,7 @@ import logging
 import peewee
 
 from mailbridge.runtime import Runtime
-from mailbridge.shares import orphans, retention
+from mailbridge.shares import access_requests, orphans, retention
 from mailbridge.shares.jobs import Stop, stopped
 from mailbridge.store.blobs import StorageError
 from mailbridge.store.models import InboundMessage, OneTimeCode, PasswordReset, WebSession
@@ -45,6 +45,8 @@ def purge(runtime: Runtime, batch: int = 500, stop: Stop = None,
                     | (OneTimeCode.expires_at < code_cutoff), delete_batch, stop)
     resets = _delete(runtime, PasswordReset.id, (PasswordReset.used_at < code_cutoff)
                      | (PasswordReset.expires_at < code_cutoff), delete_batch, stop)
+    # Requests for access whose code was never entered (few: 3 per link in 15 minutes).
+    codes += access_requests.purge_unverified(code_cutoff)
     orphaned = 0 if stopped(stop) else orphans.sweep(runtime, stop=stop)
     shredded = 0 if stopped(stop) else retention.shred_expired(runtime, stop=stop)
     pruned = 0 if stopped(stop) else retention.prune_audit(runtime)

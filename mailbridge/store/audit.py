@@ -173,21 +173,25 @@ def verify(key: bytes, since: dt.datetime | None = None,
     anchored = anchor is None or anchor[0] < expected_seq - 1 or anchor == (expected_seq - 1,
                                                                             previous_mac)
     checked = 0
-    for event in walk(expected_seq):
-        if event.seq != expected_seq:
-            return Verdict(False, checked, event.id,
+    states, memo = audit_rows.keyed_states(key), {}
+    for row in audit_rows.stored_rows(AuditEvent._meta.database, expected_seq):
+        event_id, seq, mac = row[0], row[1], row[2] or ""
+        if seq != expected_seq:
+            return Verdict(False, checked, event_id,
                            f"missing: the event(s) before it (chain places {expected_seq} to "
-                           f"{event.seq - 1}) are gone")
-        if event.id < previous_id:
-            return Verdict(False, checked, event.id,
+                           f"{seq - 1}) are gone")
+        if event_id < previous_id:
+            return Verdict(False, checked, event_id,
                            "out of order: it was moved before an event written earlier")
-        if not hmac.compare_digest(event.mac, link(key, previous_mac, stored(event))):
-            return Verdict(False, checked, event.id, _why_not(event))
-        if since is None or event.at >= since:
+        read = audit_rows.stored_canonical(row, memo)
+        if read is None or not hmac.compare_digest(
+                mac, audit_rows.mac_of(states, previous_mac, read[1])):
+            return Verdict(False, checked, event_id, _why_not(seq, event_id))
+        if since is None or read[0] >= since:
             checked += 1
-        expected_seq, previous_mac, previous_id = event.seq + 1, event.mac, event.id
-        if anchor is not None and event.seq == anchor[0]:
-            anchored = hmac.compare_digest(event.mac, anchor[1])
+        expected_seq, previous_mac, previous_id = seq + 1, mac, event_id
+        if anchor is not None and seq == anchor[0]:
+            anchored = hmac.compare_digest(mac, anchor[1])
     if not anchored:
         return Verdict(False, checked, None,
                        f"the exported head (event {anchor[0]}) is not in the chain: the chain "
@@ -202,11 +206,11 @@ def verify(key: bytes, since: dt.datetime | None = None,
     return Verdict(True, checked)
 
 
-def _why_not(event: AuditEvent) -> str:
+def _why_not(seq: int, event_id: int) -> str:
     """An event's MAC covers its place, so a moved event fails like an edited one; an event
     written earlier now following it tells the two apart."""
-    moved = (AuditEvent.select().where((AuditEvent.seq > event.seq)
-                                       & (AuditEvent.id < event.id)).exists())
+    moved = (AuditEvent.select().where((AuditEvent.seq > seq)
+                                       & (AuditEvent.id < event_id)).exists())
     if moved:
         return "out of order: it sits before events written earlier (moved or inserted)"
     return "content changed: it is not what was written"

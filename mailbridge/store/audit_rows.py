@@ -214,3 +214,63 @@ def _copy_field(value) -> str:
     if isinstance(value, bool):
         return "t" if value else "f"
     return str(int(getattr(value, "id", value)))
+
+
+# --- reading the chain back (verify) --------------------------------------------------------
+
+STORED = ("id", "seq", "mac", "at", "kind", "actor", "ip", "user_agent", "detail",
+          *(f"{ref}_id" for ref in REFS))
+READ_PAGE = 5000
+_ORDER = ("account", "actor", "at", "clinic", "detail", "document", "grant", "inbound", "ip",
+          "kind", "member", "seq", "share", "user_agent")
+assert _ORDER == KEYS  # noqa: S101 - the f-string in `stored_canonical` spells this order
+
+
+def stored_rows(db: peewee.Database, since_seq: int):
+    """Events as the driver returns them (STORED order), in chain order from `since_seq`, a
+    page at a time: no model objects, no per-field conversion."""
+    names = ", ".join(f'"{c}"' for c in STORED)
+    last = since_seq - 1
+    while True:
+        page = db.execute_sql(f'SELECT {names} FROM "audit_event" '  # noqa: S608
+                              f'WHERE "seq" > {db.param} ORDER BY "seq" LIMIT {READ_PAGE}',
+                              (last,)).fetchall()
+        yield from page
+        if len(page) < READ_PAGE:
+            return
+        last = page[-1][1]
+
+
+def stored_canonical(row: tuple, memo: dict) -> tuple[dt.datetime, bytes] | None:
+    """(time, canonical bytes) of a row from `stored_rows`; None if a value cannot be read
+    back at all (written around the application). `memo` caches times and details, which
+    events of one batch share."""
+    _id, seq, _mac, at, kind, actor, ip, user_agent, detail, *refs = row
+    try:
+        when = memo.get(("at", at))
+        if when is None:
+            moment = at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(at)
+            when = memo[("at", at)] = (moment, _text(at_text(moment)))
+        text = memo.get(("detail", detail))
+        if text is None:
+            loaded = json.loads(detail) if detail is not None else None
+            text = memo[("detail", detail)] = canonical_json(loaded or {})
+        share, grant, document, member, account, inbound, clinic = (
+            "null" if ref is None else str(int(ref)) for ref in refs)
+        canonical = (
+            f'{{"account":{account},"actor":{_text(actor or "")},"at":{when[1]},'
+            f'"clinic":{clinic},"detail":{text},"document":{document},"grant":{grant},'
+            f'"inbound":{inbound},"ip":{_text(ip or "")},"kind":{_text(str(kind))},'
+            f'"member":{member},"seq":{int(seq)},"share":{share},'
+            f'"user_agent":{_text(user_agent or "")}}}')
+    except (TypeError, ValueError):
+        return None
+    return when[0], canonical.encode()
+
+
+def mac_of(states: tuple, previous_mac: str, canonical: bytes) -> str:
+    """The MAC `audit.link` computes, from `keyed_states`."""
+    inner, outer = states[0].copy(), states[1].copy()
+    inner.update(previous_mac.encode() + b"\0" + canonical)
+    outer.update(inner.digest())
+    return outer.hexdigest()

@@ -323,7 +323,9 @@ class Blob(BaseModel):
     blob_id = pw.CharField(max_length=32, primary_key=True)
     store = pw.CharField(max_length=16)  # "documents" or "spool"
     header = pw.BlobField()
-    created_at = pw.FloatField()  # wall-clock seconds, like a file's time (orphan sweep)
+    # wall-clock seconds, like a file's time (orphan sweep); double: PostgreSQL's REAL (what
+    # FloatField makes) rounds today's epoch seconds to about two minutes
+    created_at = pw.DoubleField()
 
     class Meta:
         indexes = ((("store", "created_at"), False),)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import threading
 import unicodedata
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
-from flask import Blueprint, Flask, Response, abort, render_template, request
+from flask import Blueprint, Flask, Response, abort, current_app, render_template, request
 from flask_limiter import Limiter
 
 from mailbridge.mail.filetypes import KIND_CONTENT_TYPES
@@ -34,6 +35,10 @@ IMAGE_KINDS = ("png", "jpeg", "gif")
 # with nosniff already keeps the bytes from ever running as a page of ours.
 INLINE_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
               "object-src 'self'; frame-ancestors 'self'")
+
+# A stamped copy is built in memory (a few times the document's size); at most this many at
+# once per portal process, so a burst of large downloads waits instead of exhausting memory.
+STAMPING_AT_ONCE = 2
 
 # Intake decides every stored type from the content (filenames.KIND_CONTENT_TYPES); anything
 # else in the database is served as opaque bytes so a browser can never render it as ours.
@@ -81,9 +86,11 @@ def _stamped(document: Document, grant: Grant) -> bytes | None:
     timezone = clinics.policy(document.share.clinic, access.runtime().settings).timezone
     today = (access.now().replace(tzinfo=dt.UTC).astimezone(ZoneInfo(timezone))
              .strftime("%d %b %Y"))
-    data = b"".join(access.runtime().documents.open(document.blob_id, bytes(document.blob_key)))
-    return watermark.stamp(document.kind, data,
-                           watermark.line(grant.address, today, document.share_id))
+    with current_app.extensions["mailbridge_stamping"]:
+        data = b"".join(access.runtime().documents.open(document.blob_id,
+                                                        bytes(document.blob_key)))
+        return watermark.stamp(document.kind, data,
+                               watermark.line(grant.address, today, document.share_id))
 
 
 def _chunks(data: bytes, size: int = 256 * 1024):
@@ -159,4 +166,5 @@ def _detail(document: Document, stamped: bytes | None) -> dict | None:
 
 
 def register(app: Flask, limiter: Limiter) -> None:
+    app.extensions["mailbridge_stamping"] = threading.BoundedSemaphore(STAMPING_AT_ONCE)
     app.register_blueprint(bp)

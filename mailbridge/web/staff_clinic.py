@@ -116,7 +116,8 @@ def settings(member: Member):
             hours = float("nan")
         changes = clinics.Changes(timezone=form.get("timezone", "").strip() or None,
                                   claim_hours=hours, contact=form.get("contact", ""),
-                                  display_name=form.get("display_name", ""))
+                                  display_name=form.get("display_name", ""),
+                                  watermark=form.get("watermark") or None)
         try:
             clinics.change(clinic, changes)
         except clinics.ClinicError as exc:
@@ -125,12 +126,15 @@ def settings(member: Member):
         else:
             record(Audit.CLINIC_CHANGED, member, clinic=member.clinic_id, detail={
                 "timezone": clinic.timezone, "claim_hours": clinic.claim_hours,
-                "contact": clinic.contact, "display_name": clinic.display_name})
+                "contact": clinic.contact, "display_name": clinic.display_name,
+                "watermark": clinic.watermark})
             flash("The clinic's settings are saved.")
             return redirect(url_for("staff_clinic.settings"))
     policy = clinics.policy(clinic, access.runtime().settings)
     return render_template("staff/settings.html", member=member, clinic=clinic, policy=policy,
-                           error=error, form=request.form), 400 if error else 200
+                           error=error, form=request.form,
+                           config_watermark=access.runtime().settings.documents.watermark
+                           ), 400 if error else 200
 
 
 # --- audit trail -----------------------------------------------------------------------------

@@ -148,8 +148,10 @@ class Site:
         self.cli("init")
         self.cli("members", "add", MEMBER, "--name", "Jane Doe", "--clinic", "Riverside PT")
 
-    def serve(self, *, prefix: Sequence[str] = ()) -> ServeProcess:
-        process = ServeProcess(self, f"serve{len(self.processes)}", prefix)
+    def serve(self, *, prefix: Sequence[str] = (),
+              command: Sequence[str] = ("serve",)) -> ServeProcess:
+        """`command` (e.g. `serve --no-worker`, `worker`) started, once it says it runs."""
+        process = ServeProcess(self, f"serve{len(self.processes)}", prefix, command)
         self.processes.append(process)
         process.wait_ready()
         return process
@@ -171,14 +173,15 @@ def environment() -> dict[str, str]:
 class ServeProcess:
     """`mailbridge serve` with its output in files (readable at any time)."""
 
-    def __init__(self, site: Site, name: str, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, site: Site, name: str, prefix: Sequence[str] = (),
+                 command: Sequence[str] = ("serve",)) -> None:
         self.site = site
         self.out_path = site.root / f"{name}.out"
         self.err_path = site.root / f"{name}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "mailbridge", "--config", str(site.config),
-                 "serve"], cwd=ROOT, env=environment(), stdout=out, stderr=err)
+                 *command], cwd=ROOT, env=environment(), stdout=out, stderr=err)
 
     @property
     def stdout(self) -> str:
@@ -200,6 +203,20 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+
+    def family(self) -> list[int]:
+        """This process and every process it started (worker processes), as now."""
+        return descendants(self.proc.pid)
+
+    def kill_node(self) -> None:
+        """SIGKILL to this process and all its worker processes at once: the machine going
+        down, not a graceful stop."""
+        for pid in self.family():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
 
     def terminate(self, timeout: float = 30) -> tuple[int, float]:
         """SIGTERM; (exit status, seconds to exit)."""
@@ -348,3 +365,20 @@ def port_open(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and the processes it started, and theirs (read from /proc)."""
+    found = [pid]
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return []
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            found += descendants(int(child))
+    return found

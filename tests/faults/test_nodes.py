@@ -56,6 +56,7 @@ def test_slow_sends_are_kept_by_a_heartbeat_and_a_dead_nodes_are_taken_over(site
     site.write_config(service={"node_id": "node-a"},
                       worker={"poll_seconds": 0.5, "lease_seconds": lease})
     other = Site(tmp_path / "b", site.db, site.sink)
+    other.processes = site.processes  # killed with the site's at the end
     other.root.mkdir()
     other.write_config(service={"node_id": "node-b", "data_dir": str(site.data_dir)},
                        worker={"poll_seconds": 0.5, "lease_seconds": lease})

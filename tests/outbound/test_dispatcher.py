@@ -225,6 +225,17 @@ def test_maildir_transport_prints_the_link_for_a_local_operator(make_runtime, tm
     assert delivery(grant) == "sent"
 
 
+def test_maildir_transport_prints_an_access_request_code_too(make_runtime, tmp_path, capsys):
+    runtime = make_runtime(MAILBRIDGE_OUTBOUND_TRANSPORT="maildir")
+    msg = compose.code_email(runtime.settings, to="ma.lopez@ortho.example", code="123456",
+                             minutes=10)
+    with runtime.db.atomic():
+        row = outbox.enqueue(runtime, msg, kind="access_code", to_addr="ma.lopez@ortho.example")
+    assert dispatch_due(runtime, make_mailer(runtime.settings)) == {**NOTHING, "sent": 1}
+    assert capsys.readouterr().out == (f"access_code e-mail #{row.id} written to "
+                                       f"{tmp_path / 'outbox'}: Your mailbridge code: 123456\n")
+
+
 def test_dispatcher_thread_wakes_on_new_mail_and_stops_cleanly(make_runtime):
     with SmtpSink() as sink:
         runtime = make_runtime(sink.port)

@@ -13,6 +13,7 @@ from mailbridge.shares import purge
 from mailbridge.store import blobs
 from mailbridge.store.blobs import StorageError
 from mailbridge.store.models import (
+    AccessRequest,
     AuditEvent,
     Document,
     Grant,
@@ -56,6 +57,10 @@ def test_purge_deletes_only_what_retention_allows(runtime):
                       last_seen_at=start)
     OneTimeCode.create(grant=grant, code_hash="used", created_at=start,
                        expires_at=start + dt.timedelta(minutes=10), used_at=start)
+    for state in ("unverified", "open"):  # a code never entered; a request the sender has
+        AccessRequest.create(share=share, origin=grant, address="ma@x.example", state=state,
+                             created_at=start, code_hash=state, code_expires_at=start,
+                             expires_at=start + dt.timedelta(hours=72))
     PasswordReset.create(account=account, token_hash="old", created_at=start,
                          expires_at=start + dt.timedelta(hours=1))
 
@@ -73,7 +78,7 @@ def test_purge_deletes_only_what_retention_allows(runtime):
     documents = [(d.blob_id, bytes(d.blob_key)) for d in Document.select()]
     events = AuditEvent.select().count()
 
-    assert purge.purge(rt) == 1 + 2 + 1 + 1  # raw message, sessions, code, reset link
+    assert purge.purge(rt) == 1 + 2 + 2 + 1  # raw message, sessions, codes, reset link
     assert InboundMessage.get_by_id(done.id).purged_at == now
     with pytest.raises(StorageError):
         spool.read_raw(rt, InboundMessage.get_by_id(done.id))
@@ -82,6 +87,7 @@ def test_purge_deletes_only_what_retention_allows(runtime):
         assert spool.read_raw(rt, kept)
     assert {s.id_hash for s in WebSession.select()} == {"ended-today", "open"}
     assert [c.code_hash for c in OneTimeCode.select()] == ["fresh"]
+    assert [r.state for r in AccessRequest.select()] == ["open"]
     assert not PasswordReset.select().exists()
     # Never documents or the audit trail.
     assert [blobs.read_all(rt.documents, b, k)[:5] for b, k in documents] == [b"%PDF-"]

@@ -290,3 +290,8 @@ def test_a_hostile_name_stays_one_unproven_line_in_the_senders_mail(fwd):
 def test_a_hostile_address_gets_no_code(fwd, address):
     assert ask(fwd, address).status_code == 400
     assert not OutboundMessage.select().exists()
+
+
+def test_guessing_tokens_on_the_request_page_is_rate_limited(fwd):
+    answers = [fwd.client.get(f"/s/{'F' * 40}{n:03d}/request").status_code for n in range(31)]
+    assert answers[:30] == [404] * 30 and answers[30] == 429

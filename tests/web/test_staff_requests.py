@@ -52,6 +52,7 @@ def console_for(app, rt, member: Member):
 def decide(client, request_id: int, decision: str):
     page = client.get(f"/staff/requests/{request_id}/confirm?decision={decision}")
     assert page.status_code == 200
+    assert AccessRequest.get_by_id(request_id).state == "open"  # showing it decides nothing
     return client.post(f"/staff/requests/{request_id}/decide",
                        data={"csrf_token": form_token(page.get_data(as_text=True)),
                              "decision": decision})

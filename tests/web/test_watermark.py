@@ -19,10 +19,12 @@ from mailbridge.store import tokens
 from mailbridge.store.blobs import put_bytes
 from mailbridge.store.models import AuditEvent, Document, WebSession
 from mailbridge.web import watermark
+from mailbridge.web.documents import STAMPING_AT_ONCE
 from tests.conftest import ARTIFACTS
 from tests.helpers import one_page_pdf
 from tests.portal_helpers import (
     claim,
+    form_token,
     make_account,
     make_app,
     make_share,
@@ -187,6 +189,28 @@ def test_a_clinics_own_setting_wins(runtime, configured, clinic, stamped):
     assert (expected_line(grant.share_id) in text) is stamped
 
 
+def test_stamping_waits_its_turn_so_memory_stays_bounded(runtime):
+    """Each stamped copy lives in memory while it is built: past STAMPING_AT_ONCE, a download
+    waits for one to finish instead of adding another."""
+    _, app, client, grant, (pdf, *_) = portal_for(runtime, configured=True)
+    slots = app.extensions["mailbridge_stamping"]
+    for _ in range(STAMPING_AT_ONCE):
+        slots.acquire()  # as if that many large copies were being stamped
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        client.get(f"/documents/{pdf.id}/download")))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive() and not answers  # still waiting for a free slot
+    slots.release()
+    waiting.join(15)
+    assert not waiting.is_alive()
+    assert expected_line(grant.share_id) in PdfReader(io.BytesIO(answers[0].data)).pages[
+        0].extract_text()
+    for _ in range(STAMPING_AT_ONCE - 1):
+        slots.release()
+
+
 def test_a_page_bomb_is_not_stamped():
     """Recipients can send documents back, so a PDF may come from anyone: thousands of empty
     pages in a small file would otherwise hold a portal thread for minutes."""
@@ -249,3 +273,33 @@ def test_a_stamped_copy_is_never_written_back(runtime):
     assert PdfReader(io.BytesIO(second)).pages[0].extract_text().count("Shared with") == 1
     assert len(first) == len(second)
     assert Document.get_by_id(pdf.id).sha256 == put_bytes(rt.documents, PDF).sha256
+
+
+# --- the staff console ------------------------------------------------------------------------
+
+
+def test_a_clinic_admin_turns_watermarks_on_in_the_console(runtime):
+    rt, app, client, grant, (pdf, *_) = portal_for(runtime, configured=False)
+    admin = grant.share.sender
+    admin.is_admin = True
+    admin.save()
+    sid = secrets.token_urlsafe(32)
+    WebSession.create(id_hash=tokens.hash_token(sid), member=admin, data={},
+                      created_at=rt.clock(), last_seen_at=rt.clock())
+    staff = app.test_client()
+    staff.set_cookie("mb_session", sid)
+    page = staff.get("/staff/clinic/settings").get_data(as_text=True)
+    assert '<option value="configuration" selected>As the server is configured (off)' in page
+    form = {"csrf_token": form_token(page), "timezone": "America/New_York", "claim_hours": "24",
+            "contact": "", "display_name": "", "watermark": "on"}
+    assert staff.post("/staff/clinic/settings", data=form).status_code == 302
+    assert '<option value="on" selected>On' in staff.get("/staff/clinic/settings").get_data(
+        as_text=True)
+    event = AuditEvent.get(AuditEvent.kind == "clinic_changed")
+    assert event.detail["watermark"] is True
+    data = client.get(f"/documents/{pdf.id}/download").data
+    assert expected_line(grant.share_id) in PdfReader(io.BytesIO(data)).pages[0].extract_text()
+    form["watermark"] = "sideways"
+    refused = staff.post("/staff/clinic/settings", data=form)
+    assert refused.status_code == 400 and "must be on, off or configuration" in refused.get_data(
+        as_text=True)
