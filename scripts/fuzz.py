@@ -97,6 +97,7 @@ def supervise(args: argparse.Namespace) -> int:
         command += ["--instrument-stdlib"] if args.instrument_stdlib else []
         log = None if args.verbose else open(work / f"libfuzzer-{number}.log", "wb")
         children.append((subprocess.Popen(command, stderr=log), log))
+
     def stop(signum, frame):  # Ctrl-C or a TERM: the processes stop and count, as at the end
         for proc, _ in children:
             proc.send_signal(signal.SIGTERM)
@@ -231,10 +232,12 @@ def _save(run: Run, data: bytes, found, untrusted, settings) -> None:
     kind = signature.split("|")[1].replace(" ", "_")
     name = f"{found.entry}-{kind}-{hashlib.sha256(small).hexdigest()[:12]}.eml"
     target = run.args.crashes / name
-    if not target.exists():
+    known = target.exists()  # a finding kept before: the bug is back (or never went away)
+    if not known:
         target.write_bytes(small)
-        run.saved.append(name)
-    print(f"fuzz[{run.args.child}]: {found} -> {target}", flush=True)
+    run.saved.append(name)
+    print(f"fuzz[{run.args.child}]: {found} -> {target}{' (kept before)' if known else ''}",
+          flush=True)
 
 
 def _shrink(data: bytes, signature: str, untrusted, settings) -> bytes:

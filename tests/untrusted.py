@@ -31,8 +31,10 @@ from mailbridge.mail import (
     senders,
     text,
 )
+from mailbridge.outbound import compose
 from mailbridge.outcomes import Ignore, Notice, Reject
 from mailbridge.settings import Settings
+from mailbridge.shares import reply
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -145,8 +147,10 @@ def share_request(mail: Mail) -> None:
     expect("share_request", result, (request.ParsedShare, Reject))
     if isinstance(result, request.ParsedShare):
         _share_ok(result)
+        _receipt_written(mail, result)
         return
     _reject_ok("share_request", result)
+    _member_hears(mail, result)
     if isinstance(found, Reject):
         _reject_ok("share_request", found)
     documents = attachments.find_attachments(mail.message, mail.settings.limits)
@@ -156,6 +160,25 @@ def share_request(mail: Mail) -> None:
     storable("share_request", note.sender_note(mail.message), "note")
     storable("share_request", request.message_title(mail.message), "title")
     storable("share_request", text.body_lines(mail.message), "body line")
+
+
+def _member_hears(mail: Mail, result: Reject) -> None:
+    """The notice the member gets for a Reject, composed and written out as conclude.reject
+    and the outbox do: a Reject nobody can send is a member who never hears why."""
+    notice = compose.notice_email(mail.settings, to=MEMBER, code=result.code,
+                                  details=result.details,
+                                  in_reply_to=identity.message_id(mail.message),
+                                  original=reply.original_of(mail.message, "America/New_York"))
+    notice.as_bytes()
+
+
+def _receipt_written(mail: Mail, result: request.ParsedShare) -> None:
+    """The receipt create_share sends: the title and the Message-ID end up in its headers."""
+    compose.receipt_email(
+        mail.settings, to=MEMBER, sender_name="Jane Doe", share_title=result.title,
+        recipients=result.recipients, filenames=[a.filename for a in result.attachments],
+        deadline_text="Sunday", reply_address="reply+key@reply.portal.example",
+        in_reply_to=identity.message_id(mail.message)).as_bytes()
 
 
 def _share_ok(result: request.ParsedShare) -> None:
@@ -218,12 +241,29 @@ def once_only(mail: Mail) -> None:
     expect("once_only", identity.share_dedupe_key(mail.raw, mail.message), (str,))
 
 
+def answer_headers(mail: Mail) -> None:
+    """What an answer to the member takes from their message: the Message-ID it quotes, the
+    subject and date a notice shows, the references that find a reply's share."""
+    found = identity.message_id(mail.message)
+    expect("answer_headers", found, (str, type(None)))
+    original = reply.original_of(mail.message, "America/New_York")
+    references = reply.referenced_ids(mail.message, mail.settings)
+    storable("answer_headers", [found, original.subject, original.date_text, *references],
+             "header")
+
+
 def reply_command(mail: Mail) -> None:
     line = command.first_unquoted_line(mail.message)
     expect("reply_command", line, (str, type(None)))
     found = command.parse_command(line)
     expect("reply_command", found, (command.Command,))
     storable("reply_command", [line, found.argument], "command")
+    # The answer keeps the member's subject (Re: ...), so mail clients group the thread.
+    compose.command_reply_email(
+        mail.settings, to=MEMBER, command="help",
+        values={"recognised": found.recognised, "sender_name": "Jane Doe", "claim_hours": "24"},
+        reply_address=None, in_reply_to=identity.message_id(mail.message),
+        thread_subject=reply.original_of(mail.message, "UTC").subject).as_bytes()
 
 
 def delivery_report(mail: Mail) -> None:
@@ -235,7 +275,8 @@ def delivery_report(mail: Mail) -> None:
 
 
 ENTRY_POINTS: tuple[Callable[[Mail], None], ...] = (
-    delivery_report, screening, sender, once_only, reply_command, share_request, mime_parts)
+    delivery_report, screening, sender, once_only, answer_headers, reply_command, share_request,
+    mime_parts)
 
 
 def check(raw: bytes, settings: Settings | None = None) -> None:

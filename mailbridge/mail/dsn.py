@@ -11,9 +11,8 @@ import re
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from email.parser import HeaderParser
-from email.policy import compat32
 
-from mailbridge.mail.mime import header_text
+from mailbridge.mail.mime import body, children, header_text, payload
 
 REPORT_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _BLANK_LINE = re.compile(r"\r?\n[ \t]*\r?\n")
@@ -57,10 +56,11 @@ def failed_recipients(message: EmailMessage) -> list[Failure]:
 def _blocks(part: Message) -> list[Message]:
     """The report's field groups. The stdlib splits message/delivery-status into blocks, but
     not the global (UTF-8) variant nor an encoded one: rebuild the text and split it here."""
-    payload = part.get_payload()
-    items = payload if isinstance(payload, list) else [payload]
-    text = _utf8("\n\n".join(_as_received(i) if isinstance(i, Message) else str(i)
-                              for i in items))
+    items = body(part)
+    if items is None:
+        return []
+    text = _utf8("\n\n".join(_as_received(i) for i in (items if isinstance(items, list)
+                                                         else [items])))
     encoding = header_text(part, "Content-Transfer-Encoding").strip().lower()
     try:
         if encoding == "base64":
@@ -74,11 +74,19 @@ def _blocks(part: Message) -> list[Message]:
             for chunk in _BLANK_LINE.split(text) if chunk.strip()]
 
 
-def _as_received(block: Message) -> str:
-    # Written back byte for byte as compat32 does it: the modern policy would re-fold every
-    # long field, decoding its encoded-words on the way (a UTF-7 word makes a lone surrogate
-    # it then cannot encode); the fields are read as plain text here anyway.
-    return block.as_bytes(policy=compat32).decode("utf-8", "replace")
+def _as_received(item: Message | str) -> str:
+    """A block's fields (and whatever the parser took for its body) as received. Writing the
+    parsed block back out goes through the stdlib's generator, which re-folds fields (decoding
+    encoded-words into lone surrogates it then cannot encode) and trips over blocks that claim
+    to be multipart; the fields are read as plain text here anyway."""
+    if not isinstance(item, Message):
+        return str(item)
+    fields = "\n".join(f"{name}: {value}" for name, value in item.raw_items())
+    if item.is_multipart():
+        rest = [_as_received(sub) for sub in children(item)]
+    else:
+        rest = [(payload(item) or b"").decode("utf-8", "replace")]
+    return "\n\n".join([fields, *rest])
 
 
 def _utf8(text: str) -> str:

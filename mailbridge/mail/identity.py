@@ -13,7 +13,7 @@ from email.message import EmailMessage
 
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from mailbridge.mail.mime import header_end
+from mailbridge.mail.mime import header_end, header_text
 
 _SLICE = 1 << 20
 _WSP_RUN = re.compile(rb"[ \t]+")
@@ -33,6 +33,18 @@ def message_keys(raw: bytes, message: EmailMessage) -> list[str]:
         keys.append("body:" + digest.hexdigest())
     keys.extend("sig:" + _digest(value) for value in _signature_values(message))
     return list(dict.fromkeys(keys))
+
+
+def message_id(message: EmailMessage) -> str | None:
+    """The Message-ID to quote in our answer's In-Reply-To and References: one `<id>` of
+    printable ASCII, else None. Read through mime.header_text, as the stdlib's own reading
+    raises on some hostile values (an encoded-word decoding to a lone surrogate); none with
+    `=?` in it, which the stdlib would decode as an encoded-word when we write it out."""
+    text = header_text(message, "Message-ID").strip()
+    return text if _MESSAGE_ID.fullmatch(text) and "=?" not in text else None
+
+
+_MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,900}>")
 
 
 def share_dedupe_key(raw: bytes, message: EmailMessage) -> str:

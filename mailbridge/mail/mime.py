@@ -260,17 +260,25 @@ def codec_name(charset: str | None) -> str | None:
     return info.name
 
 
+def body(part: email.message.Message) -> list[email.message.Message] | str | None:
+    """The part's sub-parts, or its body text still transfer-encoded; None if the stdlib
+    cannot hand it out: `get_payload()` decodes 8-bit text with the charset the part names,
+    unchecked (a NUL in the name raised ValueError)."""
+    try:
+        value = part.get_payload()
+    except Exception:  # noqa: BLE001 - see above; hostile Content-Transfer-Encoding too
+        return None
+    return value if isinstance(value, list | str) else None
+
+
 def children(part: email.message.Message) -> list[email.message.Message]:
     """Sub-parts of a multipart, or the enclosed message of a message/* part."""
-    try:
-        body = part.get_payload()
-    except Exception:  # noqa: BLE001
+    body_ = body(part)
+    if not isinstance(body_, list):
         return []
-    if not isinstance(body, list):
-        return []
-    if content_type(part) == "message/rfc822" and len(body) == 1:
-        return [_enclosed_message(part, body[0])]
-    return [p for p in body if isinstance(p, email.message.Message)]
+    if content_type(part) == "message/rfc822" and len(body_) == 1:
+        return [_enclosed_message(part, body_[0])]
+    return [p for p in body_ if isinstance(p, email.message.Message)]
 
 
 def _enclosed_message(part: email.message.Message,
@@ -279,11 +287,11 @@ def _enclosed_message(part: email.message.Message,
     # base64 text instead of headers, so decode it and parse again.
     if header_text(part, "Content-Transfer-Encoding").strip().lower() != "base64":
         return inner
-    body = inner.get_payload()
-    if inner.keys() or inner.is_multipart() or not isinstance(body, str):
+    text = body(inner)
+    if inner.keys() or inner.is_multipart() or not isinstance(text, str):
         return inner
     try:
-        raw = base64.b64decode(body.encode("ascii", "surrogateescape"))
+        raw = base64.b64decode(text.encode("ascii", "surrogateescape"))
     except (binascii.Error, ValueError):
         return inner
     return read_message(raw)

@@ -149,7 +149,7 @@ def receipt_subject(share_title: str) -> str:
 
 
 def reply_subject(subject: str) -> str:
-    subject = _one_line(subject)
+    subject = _header_text(subject)
     return subject if subject.lower().startswith("re:") else f"Re: {subject}"
 
 
@@ -298,6 +298,14 @@ def _one_line(value: str) -> str:
     return " ".join(value.split())
 
 
+def _header_text(value: str) -> str:
+    """`value` on one line, to be set as a header. The stdlib reads `=?...?=` in a value we
+    set as an encoded-word and decodes it: text that came decoded from a member's message
+    (a title, their subject) was decoded a second time, and a hostile one raised (UTF-7 into
+    lone surrogates), so the share was never made. A space after the "=" keeps it text."""
+    return _one_line(value).replace("=?", "= ?")
+
+
 def _message(settings: Settings, *, to: str, subject: str, text: str, html: str | None = None,
              from_name: str | None = None, reply_to: str | None = None,
              in_reply_to: str | None = None, now: dt.datetime | None = None,
@@ -307,12 +315,12 @@ def _message(settings: Settings, *, to: str, subject: str, text: str, html: str 
     msg["From"] = Address(display_name=from_name or service_name(settings),
                           addr_spec=settings.outbound.from_)
     msg["To"] = to
-    msg["Subject"] = subject
+    msg["Subject"] = _header_text(subject)
     msg["Date"] = format_datetime((now or system_clock()).replace(tzinfo=dt.UTC))
     msg["Message-ID"] = make_msgid(domain=settings.addresses.reply_domain)
     if reply_to:
         msg["Reply-To"] = reply_to
-    original = _one_line(in_reply_to or "")
+    original = _header_text(in_reply_to or "")
     if original:
         msg["In-Reply-To"] = original
         msg["References"] = original

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from email.message import EmailMessage
 
+from mailbridge.mail import identity
 from mailbridge.outbound import compose, outbox
 from mailbridge.outcomes import Ignore, Reject
 from mailbridge.runtime import Runtime
@@ -61,7 +62,7 @@ def reject(runtime: Runtime, row: InboundMessage, outcome: Reject, member: Membe
     now = runtime.clock()
     notice = compose.notice_email(runtime.settings, to=member.email, code=outcome.code,
                                   details=outcome.details,
-                                  in_reply_to=message.get("Message-ID"),
+                                  in_reply_to=identity.message_id(message),
                                   original=original_of(message, member.clinic.timezone))
     with runtime.db.atomic():
         seen.remember(member, keys, row, now)

@@ -78,7 +78,7 @@ def _commit(runtime: Runtime, row: InboundMessage, member: Member, message: Emai
         recipients=list(request.recipients),
         filenames=[a.filename for a in request.attachments], deadline_text=when,
         reply_address=f"reply+{reply_key}@{settings.addresses.reply_domain}",
-        in_reply_to=message.get("Message-ID"), claim_hours=rules.claim_hours), member.email)
+        in_reply_to=identity.message_id(message), claim_hours=rules.claim_hours), member.email)
     with runtime.db.atomic():
         seen.remember(member, keys, row, now)
         share = Share.create(clinic=clinic, sender=member, inbound=row, created_at=now,

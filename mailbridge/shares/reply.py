@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 
 from mailbridge.clock import local_text
+from mailbridge.mail import identity
 from mailbridge.mail.command import Command, extract_command
 from mailbridge.mail.route import Route, classify_address
 from mailbridge.outbound import compose, outbox
@@ -131,7 +132,7 @@ def handle_reply(runtime: Runtime, row: InboundMessage, message: EmailMessage,
         values, event = _run(runtime, share, command, member, message)
         answer = compose.command_reply_email(
             settings, to=member.email, command=values.pop("template"), values=values,
-            reply_address=reply_address, in_reply_to=message.get("Message-ID"),
+            reply_address=reply_address, in_reply_to=identity.message_id(message),
             thread_subject=_subject(message), about=share_ref(runtime, share), now=now)
         outbox.enqueue(runtime, answer, kind=Mail.REPLY, to_addr=member.email, share=share)
         if event:
@@ -233,7 +234,7 @@ def _refuse(runtime: Runtime, row: InboundMessage, message: EmailMessage, member
     now = runtime.clock()
     notice = compose.notice_email(settings, to=member.email, code=code,
                                   details={"admins": settings.shares.allow_clinic_admins},
-                                  in_reply_to=message.get("Message-ID"),
+                                  in_reply_to=identity.message_id(message),
                                   original=original_of(message, share.clinic.timezone
                                                        if share else "UTC"), now=now)
     with runtime.db.atomic():

@@ -97,3 +97,17 @@ def test_utf7_that_decodes_to_lone_surrogates_still_gives_text_that_can_be_store
     parsed = request.parse_share(msg, ["share@portal.example"], make_settings(tmp_path))
     assert "Notes \ufffd inside" in parsed.note_html
     parsed.note_html.encode("utf-8")
+
+
+def test_a_nul_in_the_charset_of_a_forwarded_message_still_gives_the_share(tmp_path):
+    # Message.get_payload() decodes 8-bit text with the charset the part names, unchecked:
+    # reading the enclosed message of a forward raised ValueError.
+    raw = (MAIL / "charset_with_nul_byte.eml").read_bytes().replace(
+        b"--b1--", b"--b1\r\nContent-Type: message/rfc822\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        b"Content-Type: text/plain; charset=\"utf\x008\"\r\n\r\nforwarded caf\xc3\xa9\r\n--b1--")
+    msg = mime.read_message(raw)
+    assert [mime.content_type(p) for p in mime.children(msg)] == [
+        "text/plain", "application/pdf", "message/rfc822"]
+    parsed = request.parse_share(msg, ["share@portal.example"], make_settings(tmp_path))
+    assert [a.filename for a in parsed.attachments] == ["plan.pdf"]

@@ -292,3 +292,24 @@ def test_recipient_emails_carry_the_clinic_contact_line(settings):
         msg = reparsed(msg)
         assert contact in msg.get_body(("plain",)).get_content(), msg["Subject"]
         assert "(555) 010-0200" in msg.get_body(("html",)).get_content(), msg["Subject"]
+
+
+@pytest.mark.parametrize("title", [
+    "=?utf-7?q?+2AA-?= plan",  # the stdlib decoded it again on setting: a lone surrogate
+    "Plan of care for the patient in room twelve, second floor =??q?a=FF?= and more words",
+])
+def test_encoded_word_text_in_a_title_stays_text_in_the_receipt_subject(settings, title):
+    # A member's subject "=?utf-8?q?=3D=3Futf-7...?=" decodes to text that itself reads as an
+    # encoded-word; set as our Subject, the stdlib decoded it a second time and raised, so the
+    # share was never made. It stays text, with a space after the "=".
+    subject = reparsed(receipt(settings, share_title=title))["Subject"]
+    assert subject == "Shared: " + title.replace("=?", "= ?")
+
+
+def test_encoded_word_text_in_the_member_subject_stays_text_in_a_command_reply(settings):
+    answer = compose.command_reply_email(
+        settings, to="jane.doe@clinic.example", command="help",
+        values={"recognised": True, "sender_name": "Jane Doe", "claim_hours": "24"},
+        reply_address=None, in_reply_to=None,
+        thread_subject="Re: Shared: =?utf-7?q?+2AA-?= " + "word " * 20)
+    assert reparsed(answer)["Subject"].startswith("Re: Shared: = ?utf-7?q?+2AA-?= word")

@@ -14,7 +14,7 @@ from mailbridge.store.models import (
     OutboundMessage,
     Share,
 )
-from tests.helpers import add_jane, share_message, wire
+from tests.helpers import MEMBER, add_jane, share_message, wire
 
 
 def stored_files(runtime):
@@ -110,3 +110,35 @@ def test_dns_timeout_during_authentication_is_retried_not_dropped(runtime):
     InboundMessage.update(next_attempt_at=row.received_at).execute()
     assert worker.run_once(rt, "node-a")
     assert InboundMessage.get().state == "done" and Share.select().count() == 1
+
+
+@pytest.mark.parametrize("message_id", ["=?utf-7?q?+2AA-?=", "<a@b> =?unicode-escape?q?\\ud800?="])
+def test_a_message_id_the_parser_cannot_read_still_makes_the_share(no_auth, message_id):
+    # message.get("Message-ID") raised UnicodeEncodeError on these: the share was never made
+    # and the message parked as failed. Only a well-formed <id> is quoted in In-Reply-To.
+    rt = no_auth
+    add_jane()
+    raw = wire(share_message(message_id="<placeholder@clinic.example>"))
+    raw = raw.replace(b"<placeholder@clinic.example>", message_id.encode())
+    spool.enqueue(rt, raw, channel="smtp", envelope_from="x@clinic.example",
+                  envelope_to=["share@portal.example"])
+    assert worker.run_once(rt, "node-a")
+    assert InboundMessage.get().state == "done"
+    assert Share.select().count() == 1
+    receipt = OutboundMessage.get(OutboundMessage.kind == "receipt")
+    assert receipt.to_addr == MEMBER
+
+
+def test_a_subject_that_decodes_to_an_encoded_word_still_makes_the_share(no_auth):
+    # The title "=?utf-7?q?+2AA-?=" (decoded from the member's subject) was decoded again when
+    # set as the receipt's Subject, raised, and parked the message as failed.
+    rt = no_auth
+    add_jane()
+    raw = wire(share_message(subject="placeholder")).replace(
+        b"Subject: placeholder", b"Subject: =?utf-8?q?=3D=3Futf-7=3Fq=3F+2AA-=3F=3D?=")
+    spool.enqueue(rt, raw, channel="smtp", envelope_from="x@clinic.example",
+                  envelope_to=["share@portal.example"])
+    assert worker.run_once(rt, "node-a")
+    assert InboundMessage.get().state == "done"
+    assert Share.select().count() == 1
+    assert OutboundMessage.get(OutboundMessage.kind == "receipt").to_addr == MEMBER
