@@ -44,6 +44,9 @@ class Runtime:
     dnsfunc: Callable | None = None
     wake_worker: threading.Event = field(default_factory=threading.Event)
     wake_dispatcher: threading.Event = field(default_factory=threading.Event)
+    # In a worker process: tells the parent an outage started or ended (`store.outages`), so
+    # the node logs it once, not once per process. None: each part logs its own.
+    announce_outage: Callable[[str, str, str, float], None] | None = None
 
 
 def build_runtime(settings: Settings, *, clock: Clock = system_clock,

@@ -225,7 +225,7 @@ class Dispatcher:
         self.mailer = mailer
         self.poll_seconds = poll_seconds
         self.out = out
-        self.outage = Outage(log, "outbox")
+        self.outage = Outage(log, "outbox", announce=runtime.announce_outage)
         self._owed: Owed = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

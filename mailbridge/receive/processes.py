@@ -1,12 +1,14 @@
 """Worker processes (`[worker] processes`): each a spawned Python process with its own runtime
 and database connections, running the spool worker and the outbox dispatcher, woken through a
 pipe; the parent restarts one that dies and stops them all within the stop timeout. Each sends
-its counters to the parent every second over a pipe of its own, for the parent's /metrics."""
+its counters to the parent every second over a pipe of its own, for the parent's /metrics, and
+the start and end of an outage, which the parent logs once for the node."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -25,6 +27,7 @@ from mailbridge.receive.worker import Worker
 from mailbridge.runtime import build_runtime
 from mailbridge.settings import Settings
 from mailbridge.shares import notify
+from mailbridge.store.outages import OutageBoard
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ RESTART_DELAY_MAX_SECONDS = 30.0
 PR_SET_PDEATHSIG = 1
 WAKE_WORKER, WAKE_DISPATCHER = b"w", b"d"
 METRICS_EVERY_SECONDS = 1.0
+OUTAGE = "outage"  # first item of an outage announcement on the pipe to the parent
 
 
 def claim_id(node: str, role: str, index: int) -> str:
@@ -67,6 +71,7 @@ class WorkerProcesses:
                  metrics: WorkerSamples | None = None) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else WorkerSamples()
+        self.outages = OutageBoard()  # one warning per outage for all the processes
         self._runs = 0  # each process started, for `metrics`: a restart is a new run
         self.ids = [claim_id(node, role, i + 1) for i in range(count)]
         self._writers: dict = {}  # process number: write end (Connection) of its wake pipe
@@ -104,7 +109,7 @@ class WorkerProcesses:
             samples_out.close()
             self._runs += 1
             threading.Thread(target=_collect_samples, args=(samples_in, self.metrics,
-                                                            (i, self._runs)),
+                                                            self.outages, (i, self._runs)),
                              daemon=True, name=f"mailbridge-worker-{i + 1}-metrics").start()
             os.set_blocking(writer.fileno(), False)
             old = self._writers.pop(i, None)
@@ -169,7 +174,10 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int, samples=None) 
     os.umask(0o077)
     configure_logging(settings.service.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
+    to_parent = ToParent(samples) if samples is not None else None
     runtime = build_runtime(settings)
+    if to_parent is not None:
+        runtime = dataclasses.replace(runtime, announce_outage=to_parent.outage)
     threading.Thread(target=_relay_wakes, args=(wakes, runtime), daemon=True,
                      name="wake-relay").start()
     spool.recover(runtime, claimer)
@@ -183,7 +191,7 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int, samples=None) 
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))
     stop_sending = threading.Event()
-    sender = threading.Thread(target=_send_samples, args=(samples, runtime, stop_sending),
+    sender = threading.Thread(target=_send_samples, args=(to_parent, runtime, stop_sending),
                               daemon=True, name="metrics-sender")
     sender.start()
     worker.start()
@@ -205,32 +213,62 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int, samples=None) 
     runtime.db.close()
 
 
-def _send_samples(samples, runtime, stop: threading.Event) -> None:
+class ToParent:
+    """A worker process's end of its pipe to the parent, shared by the threads that send on
+    it (the counters every second; an outage's start and end as it happens)."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()  # one process's threads only: a pipe write is not atomic
+
+    def send(self, item: object) -> bool:
+        """False once the parent is gone (or the pipe was closed)."""
+        with self.lock:
+            try:
+                self.conn.send(item)
+            except (OSError, ValueError):
+                return False
+            return True
+
+    def outage(self, logger: str, part: str, cause: str, max_seconds: float) -> None:
+        self.send((OUTAGE, logger, part, cause, max_seconds))
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def _send_samples(to_parent: ToParent | None, runtime, stop: threading.Event) -> None:
     """Every second, and once more at the stop: this process's counters to the parent."""
-    if samples is None:
+    if to_parent is None:
         return
     while True:
         stopping = stop.wait(METRICS_EVERY_SECONDS)
-        try:
-            samples.send(runtime.metrics.snapshot())
-        except (OSError, ValueError):  # the parent is gone
+        if not to_parent.send(runtime.metrics.snapshot()):  # the parent is gone
             return
         if stopping:
-            samples.close()
+            to_parent.close()
             return
 
 
-def _collect_samples(samples, metrics: WorkerSamples, source: object) -> None:
-    """The parent's side: keep the latest snapshot of one run of a worker process; when it
-    ends (its pipe closes, whatever killed it) its last counts are kept as ended."""
+def _collect_samples(samples, metrics: WorkerSamples, outages: OutageBoard,
+                     source: object) -> None:
+    """The parent's side: keep the latest snapshot of one run of a worker process, and log
+    the outages it announces (once for the node); when it ends (its pipe closes, whatever
+    killed it) its last counts are kept as ended and it leaves any outage it was in."""
     try:
         while True:
             try:
-                metrics.update(source, samples.recv())
+                item = samples.recv()
             except (EOFError, OSError):
                 return
+            if isinstance(item, tuple) and item and item[0] == OUTAGE:
+                outages.announce(source, *item[1:])
+            else:
+                metrics.update(source, item)
     finally:
         metrics.ended(source)
+        outages.gone(source)
         samples.close()
 
 

@@ -121,7 +121,7 @@ def lease_kept(runtime: Runtime, row: InboundMessage, node: str):
 def new_outage(runtime: Runtime, part: str = "worker") -> Outage:
     cfg = runtime.settings.worker
     return Outage(log, part, base_seconds=cfg.retry_base_seconds,
-                  max_seconds=cfg.retry_max_seconds)
+                  max_seconds=cfg.retry_max_seconds, announce=runtime.announce_outage)
 
 
 class Worker:

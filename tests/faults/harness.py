@@ -200,9 +200,14 @@ class ServeProcess:
         wait_until(running, "serve to start", 30)
 
     def kill(self) -> None:
+        """SIGKILL to this process alone; returns once its worker processes have ended too
+        (they die with their parent), so nothing of it still runs when a test goes on."""
         if self.proc.poll() is None:
+            children = self.family()[1:]
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+            wait_until(lambda: not [pid for pid in children if alive(pid)],
+                       "the worker processes to end with their parent", 10)
 
     def family(self) -> list[int]:
         """This process and every process it started (worker processes), as now."""
@@ -365,6 +370,15 @@ def port_open(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by init has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def descendants(pid: int) -> list[int]:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,6 +17,7 @@ from mailbridge.store.models import InboundMessage
 from tests.conftest import ROOT
 from tests.faults.harness import (
     Sender,
+    alive,
     delivered,
     environment,
     settled,
@@ -42,15 +42,6 @@ def queued(site) -> int:
         return InboundMessage.select().where(InboundMessage.state == "queued").count()
     finally:
         runtime.db.close()
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting to be reaped by init has ended)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def test_intake_without_workers_then_workers_alone_and_a_dead_worker_process_replaced(site):
