@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from pathlib import Path
 
 import peewee
@@ -16,6 +15,7 @@ from mailbridge.config import load_settings, read_master_key
 from mailbridge.runtime import build_runtime
 from mailbridge.settings import Settings
 from mailbridge.store import schema
+from tests.ports import free_port  # noqa: F401 (imported from here by tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -27,12 +27,6 @@ OUTBOUND_FROM = "mailbridge@portal.example"
 
 PG_ADMIN_URL = os.environ.get("MAILBRIDGE_TEST_POSTGRES",
                               "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_settings(data_dir: Path, db_url: str = "", **env: str) -> Settings:

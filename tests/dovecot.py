@@ -18,13 +18,9 @@ from pathlib import Path
 
 from imapclient import IMAPClient
 
+from tests.ports import free_port  # noqa: F401 (imported from here by tests)
+
 PASSWORD = "secret"  # noqa: S105 - a throw-away test account
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def available() -> str:

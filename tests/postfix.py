@@ -24,18 +24,14 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tests.ports import free_port  # noqa: F401 (imported from here by tests)
+
 AUTHSERV_ID = "mx.portal.example"
 DOMAINS = ("portal.example", "reply.portal.example")
 OUTSIDE_CLIENT = "127.0.0.2"  # the "internet": a client outside Postfix's mynetworks
 MASTER_CF = Path("/usr/share/postfix/master.cf.dist")
 PUBLIC_SUFFIXES = Path("/usr/share/publicsuffix/public_suffix_list.dat")
 POSTFIX_TOOLS = ("postfix", "postconf", "postmap", "postqueue", "postsuper")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def missing_tools(milters: bool = False) -> list[str]:

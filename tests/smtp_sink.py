@@ -4,7 +4,6 @@ and can refuse chosen recipients or answer 451 to the first few deliveries."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import threading
 import time
@@ -16,6 +15,8 @@ from email.parser import BytesParser
 
 from aiosmtpd.controller import Controller
 
+from tests.ports import free_port  # noqa: F401 (imported from here by tests)
+
 
 @dataclass(frozen=True)
 class Received:
@@ -25,13 +26,6 @@ class Received:
     message: EmailMessage
     at: float = 0.0  # time.monotonic() when it was accepted
     peer: tuple = ()  # the client's (address, port): one per connection
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on (also handy as a relay that is down)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Handler:

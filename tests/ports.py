@@ -1,0 +1,27 @@
+"""Free TCP ports for the servers a test starts."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+# Below the kernel's ephemeral range (32768 and up on Linux): a port picked there can be taken
+# by any outgoing connection (to PostgreSQL, a relay, a browser) between the pick and the bind,
+# which made a listener fail with "already in use" now and then on a busy machine.
+LOW, HIGH = 20000, 32767
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on (also handy as a relay that is down)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(LOW, HIGH)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the low range is crowded: let the kernel choose
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
