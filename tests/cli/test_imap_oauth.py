@@ -6,34 +6,21 @@ from __future__ import annotations
 
 import pytest
 
-from tests import dovecot
 from tests.cli.test_cli import mb
-from tests.dovecot import Dovecot
 from tests.helpers import MINIMAL_CONFIG
-from tests.oauth_server import CLIENT_ID, TokenService
+from tests.oauth_server import CLIENT_ID
+from tests.receive import test_imap_oauth as poller_tests
 from tests.receive.test_imap_oauth import google_env, microsoft_env
 
 pytestmark = pytest.mark.slow
 
+# The token service, the Dovecot with its oauth2 passdb and a fresh mailbox user: the poller
+# tests' own module-scoped fixtures, not copies of them.
+tokens_service = poller_tests.tokens_service
+server = poller_tests.server
+user = poller_tests.user
+
 GOOGLE_ACCOUNT = "mailbridge@clinic-project.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def tokens_service(tmp_path_factory):
-    with TokenService(tmp_path_factory.mktemp("token-service")) as service:
-        yield service
-
-
-@pytest.fixture(scope="module")
-def server(tokens_service):
-    dovecot.require()
-    with Dovecot(spare=12, oauth2_introspection_url=tokens_service.introspection_url) as running:
-        yield running
-
-
-@pytest.fixture
-def user(server) -> str:
-    return server.fresh_user()
 
 
 @pytest.fixture
