@@ -348,16 +348,9 @@ def test_the_scrape_of_serve_counts_the_work_of_its_worker_processes(site):
 @pytest.fixture
 def own_postgres():
     """A database of this test's own, so connections to it can be refused for a while."""
-    import os
+    from tests.faults.harness import postgres_or_skip
 
-    from tests.faults.harness import Postgres
-
-    try:
-        db = Postgres()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
-        if os.environ.get("MAILBRIDGE_TEST_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL not reachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    db = postgres_or_skip()
     yield db
     db.drop()
 

@@ -3,22 +3,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.faults.harness import Postgres, Site
+from tests.faults.harness import Site, postgres_or_skip
 from tests.smtp_sink import SmtpSink
 
 
 @pytest.fixture
 def postgres():
-    try:
-        db = Postgres()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
-        if os.environ.get("MAILBRIDGE_TEST_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL not reachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    db = postgres_or_skip()
     yield db
     db.drop()
 

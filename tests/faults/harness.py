@@ -92,6 +92,18 @@ class Postgres:
         self.admin.close()
 
 
+def postgres_or_skip() -> Postgres:
+    """A throwaway database, or the test is skipped (failed where PostgreSQL is required)."""
+    import pytest
+
+    try:
+        return Postgres()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no server here"
+        if os.environ.get("MAILBRIDGE_TEST_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+
+
 # --- the service -------------------------------------------------------------------------
 
 
