@@ -91,16 +91,29 @@ def seed(runtime, grants: int, deadline: dt.datetime, tag: str) -> None:
         db.execute_sql('ANALYZE "grant"')
 
 
+def _cpu(pid: int, children: bool = False) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks + (int(fields[13]) + int(fields[14]) if children else 0)  # + exited children
+
+
 def server_cpu(db) -> float | None:
-    """CPU seconds used so far by this connection's PostgreSQL backend (same machine)."""
+    """CPU seconds used so far by the PostgreSQL server (same machine): the postmaster and
+    every backend, those that exited included — a job's lanes use connections of their own."""
     if "sqlite" in type(db).__name__.lower():
         return None
     pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        postmaster = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        ticks = _cpu(postmaster, children=True)
+        for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+            try:
+                ticks += _cpu(int(child))
+            except OSError:
+                continue  # exited meanwhile: now in the postmaster's children's time
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def timed(runtime, name: str, profile: bool = False) -> tuple[int, float, str]:
@@ -119,7 +132,7 @@ def timed(runtime, name: str, profile: bool = False) -> tuple[int, float, str]:
     used = f"CPU: this process {time.process_time() - cpu:.2f} s"
     if backend is not None:
         after = server_cpu(runtime.db)
-        used += f", PostgreSQL backend {after - backend:.2f} s" if after is not None else ""
+        used += f", PostgreSQL server {after - backend:.2f} s" if after is not None else ""
     used += f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     if profiler is not None:
         profiler.stop()

@@ -213,6 +213,18 @@ def _v14_partial_indexes(db: peewee.Database, keys: Keys | None) -> None:
                        f"WHERE {where}")
 
 
+def _v15_audit_references(db: peewee.Database, keys: Keys | None) -> None:
+    """Audit events refer to shares, grants and the rest by id alone (see `models.reference`).
+    SQLite cannot drop a constraint without rebuilding the table, and mailbridge deletes none
+    of the rows an event names, so an upgraded SQLite database keeps its inert ones."""
+    if not isinstance(db, peewee.PostgresqlDatabase):
+        return
+    names = db.execute_sql("SELECT conname FROM pg_constraint WHERE contype = 'f' "
+                           "AND conrelid = 'audit_event'::regclass").fetchall()
+    for (name,) in names:
+        db.execute_sql(f'ALTER TABLE "audit_event" DROP CONSTRAINT "{name}"')
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]] = [
     (1, "initial tables", _v1_initial),
     (2, "portal sessions, one-time codes, password resets, archived shares", _v2_portal),
@@ -231,6 +243,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database, Keys | None], None]]
     (13, "a clinic's own watermark setting", _v13_watermark),
     (14, "partial indexes for the set-based jobs (pending and unreported grants, references "
          "that are mostly empty)", _v14_partial_indexes),
+    (15, "audit events refer to rows by id, without foreign-key constraints",
+     _v15_audit_references),
 ]
 LATEST = MIGRATIONS[-1][0]
 

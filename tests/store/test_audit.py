@@ -7,10 +7,11 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import peewee
 import pytest
 
-from mailbridge.store import audit
-from mailbridge.store.models import AuditCheckpoint, AuditEvent, AuditHead
+from mailbridge.store import audit, schema
+from mailbridge.store.models import AuditCheckpoint, AuditEvent, AuditHead, Clinic
 from mailbridge.store.states import Audit
 
 START = dt.datetime(2026, 11, 2, 9, 0)
@@ -206,3 +207,26 @@ def test_concurrent_writers_form_one_chain(runtime):
     assert errors == []
     verdict = audit.verify(runtime.audit_key)
     assert verdict.ok and verdict.checked == 100
+
+
+def test_events_keep_naming_a_row_that_was_deleted_and_still_verify(runtime):
+    """A ledger outlives what it names: deleting a row an event refers to leaves the event
+    as written (no constraint nulls its reference, which would break its MAC)."""
+    clinic = Clinic.create(name="Closed Clinic", created_at=START)
+    audit.record(runtime.audit_key, Audit.CLINIC_CHANGED, START, clinic=clinic,
+                 actor="ops@clinic.example")
+    sql(runtime, 'DELETE FROM "clinic" WHERE id = ?', clinic.id)
+    event = AuditEvent.get()
+    assert event.clinic_id == clinic.id
+    assert audit.verify(runtime.audit_key).ok
+
+
+def test_upgraded_postgresql_databases_lose_the_old_constraints(runtime):
+    if not isinstance(runtime.db, peewee.PostgresqlDatabase):
+        pytest.skip("SQLite keeps an upgraded database's inert constraints (docs/decisions.md)")
+    sql(runtime, 'ALTER TABLE "audit_event" ADD CONSTRAINT old_share FOREIGN KEY (share_id) '
+                 'REFERENCES "share" (id) ON DELETE SET NULL')
+    schema._v15_audit_references(runtime.db, None)
+    left = runtime.db.execute_sql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' "
+                                  "AND conrelid = 'audit_event'::regclass").fetchone()[0]
+    assert left == 0
