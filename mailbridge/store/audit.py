@@ -21,22 +21,19 @@ BATCH = 5000  # events read per page
 
 
 def record(key: bytes, kind: str, at: dt.datetime, *, actor: str = "",
-           detail: dict | None = None, **refs) -> AuditEvent:
+           detail: dict | None = None, **refs) -> None:
     """Append one event, inside the caller's transaction. `refs` are model foreign keys
     (share=, grant=, document=, member=, account=, inbound=, clinic=) and ip=, user_agent=."""
-    [event] = record_many(key, [dict(kind=kind, at=at, actor=actor, detail=detail or {},
-                                     **refs)])
-    return event
+    record_many(key, [dict(kind=kind, at=at, actor=actor, detail=detail or {}, **refs)])
 
 
-def record_many(key: bytes, events: Iterable[dict]) -> list[AuditEvent]:
+def record_many(key: bytes, events: Iterable[dict]) -> int:
     """Append several events in order; each dict holds `record`'s arguments. Runs in the
-    caller's transaction. Returns the row only when there was one event (bulk inserts do not
-    hand rows back). Many events of one kind at one time: `record_each` is faster."""
+    caller's transaction; returns how many were appended. Many events of one kind at one
+    time: `record_each` is faster."""
     db = AuditEvent._meta.database
     with db.atomic():
-        head = _locked_head()
-        seq, mac = head.seq, head.mac
+        seq, mac = _locked_head(db)
         keyed = hmac.new(key, digestmod=hashlib.sha256)
         rows = []
         for values in events:
@@ -46,16 +43,11 @@ def record_many(key: bytes, events: Iterable[dict]) -> list[AuditEvent]:
             h = keyed.copy()
             h.update(mac.encode() + b"\0" + canonical(row))
             row["mac"] = mac = h.hexdigest()
-            rows.append(row)
-        if not rows:
-            return []
-        if len(rows) == 1:  # the common case: hand back the row
-            created = [AuditEvent.create(**rows[0])]
-        else:
-            created = []
-            audit_rows.insert(db, audit_rows.COLUMNS, [_columns(row) for row in rows])
-        AuditHead.update(seq=seq, mac=mac).where(AuditHead.id == head.id).execute()
-    return created
+            rows.append(_columns(row))
+        if rows:
+            audit_rows.insert(db, audit_rows.COLUMNS, rows)
+            _move_head(db, seq, mac)
+    return len(rows)
 
 
 def record_each(key: bytes, template: audit_rows.Template, events: Sequence[tuple]) -> int:
@@ -66,10 +58,10 @@ def record_each(key: bytes, template: audit_rows.Template, events: Sequence[tupl
     if not events:
         return 0
     with db.atomic():
-        head = _locked_head()
-        rows, seq, mac = audit_rows.chain(key, head.mac, head.seq, template, events)
+        seq, mac = _locked_head(db)
+        rows, seq, mac = audit_rows.chain(key, mac, seq, template, events)
         audit_rows.insert(db, template.columns, rows, template.constants)
-        AuditHead.update(seq=seq, mac=mac).where(AuditHead.id == head.id).execute()
+        _move_head(db, seq, mac)
     return len(rows)
 
 
@@ -106,16 +98,22 @@ def _row(values: dict) -> dict:
     return row
 
 
-def _locked_head() -> AuditHead:
-    query = AuditHead.select().where(AuditHead.id == 1)
-    # PostgreSQL locks the row until the transaction ends; SQLite's write transactions
-    # (IMMEDIATE) already hold the whole database.
-    if AuditHead._meta.database.for_update:
-        query = query.for_update()
-    head = query.first()
-    if head is None:  # the first event ever (the migration creates the row as well)
-        head = AuditHead.create(id=1, seq=0, mac="")
-    return head
+def _locked_head(db) -> tuple[int, str]:
+    """The chain head's (seq, mac). In plain SQL: every audited request runs this. PostgreSQL
+    locks the row until the transaction ends; SQLite's write transactions (IMMEDIATE) already
+    hold the whole database."""
+    lock = " FOR UPDATE" if db.for_update else ""
+    row = db.execute_sql(f'SELECT "seq", "mac" FROM "audit_head" WHERE "id" = 1{lock}'  # noqa: S608 - no values
+                         ).fetchone()
+    if row is None:  # the first event ever (the migration creates the row as well)
+        AuditHead.create(id=1, seq=0, mac="")
+        return 0, ""
+    return int(row[0]), row[1]
+
+
+def _move_head(db, seq: int, mac: str) -> None:
+    db.execute_sql(f'UPDATE "audit_head" SET "seq" = {db.param}, "mac" = {db.param} '  # noqa: S608 - placeholders
+                   'WHERE "id" = 1', (seq, mac))
 
 
 def stored(event: AuditEvent) -> dict:

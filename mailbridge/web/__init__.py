@@ -32,6 +32,7 @@ from mailbridge.web import (
 )
 from mailbridge.web.access import current_account
 from mailbridge.web.audit_batch import AuditBatcher
+from mailbridge.web.queries import PortalQueries
 from mailbridge.web.sessions import DatabaseSessionInterface
 
 # Shipped inside the package (templates/ at the top of the repository is mailbridge.templates).
@@ -59,7 +60,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Flask:
     if settings.web.proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.web.proxies,
                                 x_proto=settings.web.proxies)
-    app.session_interface = DatabaseSessionInterface(runtime)
+    queries = app.extensions["mailbridge_queries"] = PortalQueries()
+    app.session_interface = DatabaseSessionInterface(runtime, queries)
     https = settings.service.base_url.lower().startswith("https://")
     CSRFProtect(app)
     # A shared store (redis://) counts for every process and node of this portal: the key

@@ -11,7 +11,7 @@ from flask import abort, current_app, redirect, request, session, url_for
 
 from mailbridge.runtime import Runtime
 from mailbridge.shares.lifecycle import effective_state
-from mailbridge.store.models import Account, Clinic, Document, Grant, Share
+from mailbridge.store.models import Account, Document, Grant, Share
 from mailbridge.store.states import Audit, GrantState
 
 # The portal's policy allows no script at all (web/__init__.py); the staff pages that handle
@@ -68,13 +68,10 @@ def active_grant(account: Account, share_id: int) -> Grant | None:
 def accessible_document(account: Account, document_id: int) -> tuple[Document, Grant] | None:
     """None both for a missing document and for another account's: the same 404 (no IDOR).
     A document shredded under retention (its key wiped) is gone for everyone."""
-    # Share and clinic come in the same query: serving it reads the clinic's policy.
-    document = (Document.select(Document, Share, Clinic).join(Share).join(Clinic)
-                .where(Document.id == document_id).first())
-    if document is None or not document.blob_key:
+    found = current_app.extensions["mailbridge_queries"].document(account, document_id)
+    if not found or not found[0].blob_key:
         return None
-    grant = active_grant(account, document.share_id)
-    return (document, grant) if grant is not None else None
+    return found[0], found[0].share.opening_grant
 
 
 def denial_reason(account: Account, share_id: int) -> str:

@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import secrets
 
-import peewee
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
@@ -23,6 +22,7 @@ from mailbridge.runtime import Runtime, derive_key
 from mailbridge.store.blobs import seal, unseal
 from mailbridge.store.models import Account, Member, WebSession
 from mailbridge.store.tokens import hash_token
+from mailbridge.web.queries import PortalQueries
 
 COOKIE = "mb_session"
 ANON_COOKIE = "mb_anon"
@@ -46,8 +46,8 @@ class ServerSession(CallbackDict, SessionMixin):
 
 
 class DatabaseSessionInterface(SessionInterface):
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, queries: PortalQueries) -> None:
+        self.runtime, self.queries = runtime, queries
         web = runtime.settings.web
         self.idle = dt.timedelta(minutes=web.session_idle_minutes)
         self.absolute = dt.timedelta(hours=web.session_absolute_hours)
@@ -59,13 +59,10 @@ class DatabaseSessionInterface(SessionInterface):
         if not sid or len(sid) > 100:
             return self._open_anonymous(request)
         now = self.runtime.clock()
-        # The account comes in the same query: every signed-in request needs it.
-        row = (WebSession.select(WebSession, Account)
-               .join(Account, peewee.JOIN.LEFT_OUTER, on=(WebSession.account == Account.id))
-               .where((WebSession.id_hash == hash_token(sid)) & WebSession.ended_at.is_null())
-               .first())
-        if row is None:
+        found = self.queries.session(hash_token(sid))
+        if not found:
             return self._open_anonymous(request)
+        row = found[0]
         if now - row.last_seen_at > self.idle or now - row.created_at > self.absolute:
             end_session(row, now)
             return ServerSession()
