@@ -38,7 +38,10 @@ def test_each_call_binds_its_own_values_and_joins_like_the_query(sessions):
         assert [row.id_hash for row in got] == [row.id_hash for row in expected]
         assert [row.account.email if row.account else None for row in got] == \
                [row.account.email if row.account else None for row in expected]
-    assert prepared("hash-b")[0].account.email == "b@ortho.example"
+    # Later calls reuse the first call's column mapping: values still come back converted.
+    again = prepared("hash-b")[0]
+    assert again.account.email == "b@ortho.example"
+    assert again.created_at == NOW and again.account.verified_at == NOW
 
 
 def test_a_value_shaped_like_sql_is_only_a_value(sessions):
