@@ -20,25 +20,14 @@ class Prepared:
             raise TypeError("prepared arguments are int or str")
         self._build, self._kinds = build, kinds
         self._compiled: tuple | None = None
-        self._resolved: tuple | None = None  # (query, the row mapping peewee resolved)
 
     def __call__(self, *args) -> list:
         query, sql, params, slots = self._compile()
         bound = list(params)
         for slot, kind, value in zip(slots, self._kinds, args, strict=True):
             bound[slot] = int(getattr(value, "id", value)) if kind is int else str(value)
-        wrapper = query._get_cursor_wrapper(query._database.execute_sql(sql, bound))
-        resolved = self._resolved
-        if resolved is not None and resolved[0] is query:
-            # The same SQL gives the same columns: reuse how the first call's rows were mapped
-            # onto models (peewee works that out again for every cursor, at a cost per column).
-            wrapper.__dict__.update(resolved[1])
-            wrapper.initialized = True
-        rows = list(wrapper)
-        if (resolved is None or resolved[0] is not query) and wrapper.initialized:
-            self._resolved = (query, {name: value for name, value in vars(wrapper).items()
-                                      if name not in _PER_CURSOR})
-        return rows
+        cursor = query._database.execute_sql(sql, bound)
+        return list(query._get_cursor_wrapper(cursor))
 
     def _compile(self) -> tuple:
         compiled = self._compiled
@@ -56,10 +45,6 @@ class Prepared:
             slots.append(found[0])
         self._compiled = (query, sql, params, slots)
         return self._compiled
-
-
-# A cursor wrapper's own state; the rest of its attributes describe the columns.
-_PER_CURSOR = frozenset(("cursor", "count", "index", "initialized", "populated", "row_cache"))
 
 
 def _standin(kind: type, i: int):
