@@ -42,6 +42,16 @@ log = logging.getLogger(__name__)
 FILES_BESIDES_CONNECTIONS = 256
 
 
+# A download's bytes are the decrypted document. By default waitress copies what a response
+# has written ahead of its client into a temporary file once that passes 1 MB: plaintext
+# PHI on disk. Here the thread writing a response waits while it is more than the high
+# watermark ahead of the client, so a buffer holds at most that plus one write (a 128 KiB
+# record; 1 MiB in blobs of older versions; 256 KiB of a stamped copy), far under the
+# overflow: nothing is ever spilled. A slow reader of a large document holds a thread while
+# it reads the rest; one that stops reading is cut off after `[web] channel_timeout`.
+RESPONSE_BUFFERS = {"outbuf_high_watermark": 1024 * 1024, "outbuf_overflow": 16 * 1024 * 1024}
+
+
 class Service:
     """The roles this node runs. `processes` > 0 runs the workers (spool worker and outbox
     dispatcher) in that many worker processes, else as threads here; `role` names this
@@ -91,7 +101,8 @@ class Service:
                                          connection_limit=settings.connection_limit,
                                          channel_timeout=settings.channel_timeout,
                                          cleanup_interval=settings.cleanup_interval,
-                                         asyncore_use_poll=True, ident="mailbridge")
+                                         asyncore_use_poll=True, ident="mailbridge",
+                                         **RESPONSE_BUFFERS)
         try:
             self.metrics_server = self._bind_metrics()
         except ConfigError:

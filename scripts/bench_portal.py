@@ -37,6 +37,7 @@ from waitress.server import create_server  # noqa: E402
 from mailbridge.clock import system_clock  # noqa: E402
 from mailbridge.config import load_settings  # noqa: E402
 from mailbridge.runtime import build_runtime  # noqa: E402
+from mailbridge.service import RESPONSE_BUFFERS  # noqa: E402
 from mailbridge.shares.members import add_member  # noqa: E402
 from mailbridge.store import (
     schema,  # noqa: E402
@@ -60,7 +61,9 @@ def free_port() -> int:
 
 def serve(app) -> tuple[object, int]:
     port = free_port()
-    server = create_server(app, host="127.0.0.1", port=port, threads=THREADS)
+    # The portal's own waitress buffers (`mailbridge serve`), for both servers alike.
+    server = create_server(app, host="127.0.0.1", port=port, threads=THREADS,
+                           **RESPONSE_BUFFERS)
     threading.Thread(target=server.run, daemon=True).start()
     return server, port
 

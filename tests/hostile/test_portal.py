@@ -4,7 +4,12 @@ tokens guessed, redirects off the site. Each gets nothing and changes nothing.""
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import socket
+import tempfile
+import time
 
 import pytest
 
@@ -172,3 +177,39 @@ def test_revoked_recipient_is_refused_on_the_very_next_request(portal):
     Grant.update(state="revoked").where(Grant.address == OWNER).execute()
     assert client.get(f"/documents/{document.id}/download").status_code == 404
     assert client.get(f"/documents/{document.id}").status_code == 404
+
+
+def test_a_large_download_to_a_slow_reader_never_lands_on_disk_in_clear(service, monkeypatch):
+    """An attacker with the disk (a stolen drive, a backup of /tmp, forensic recovery of freed
+    blocks) must not find a document in clear. waitress copies what a response has written
+    ahead of its client into a temporary file once that passes 1 MB: for a download, the
+    decrypted document. A reader that takes its time makes the portal run ahead of it."""
+    spilled = []
+    real_temporary_file = tempfile.TemporaryFile
+
+    def watched(*args, **kwargs):
+        spilled.append(args)
+        return real_temporary_file(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", watched)
+    rt = service.runtime
+    document = b"%PDF-1.4\n" + os.urandom(6 * 1024 * 1024)
+    share, _links = make_share(rt, documents=[("plan.pdf", "pdf", "application/pdf", document)])
+    claim(rt, share, OWNER, make_account(rt, OWNER))
+    sid = secrets.token_urlsafe(32)
+    now = rt.clock()
+    WebSession.create(id_hash=tokens.hash_token(sid), account=Account.get(Account.email == OWNER),
+                      data={}, created_at=now, last_seen_at=now)
+    document_id = share.documents[0].id
+    with socket.create_connection(("127.0.0.1", service.service.web_port), timeout=30) as conn:
+        conn.sendall(f"GET /documents/{document_id}/download HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1\r\nCookie: {sessions.COOKIE}={sid}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        time.sleep(1.5)  # the portal decrypts and writes while nobody reads
+        received = bytearray()
+        while chunk := conn.recv(256 * 1024):
+            received += chunk
+            time.sleep(0.005)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == document
+    assert spilled == []
