@@ -91,8 +91,12 @@ def seed(runtime, grants: int, deadline: dt.datetime, tag: str) -> None:
         db.execute_sql('ANALYZE "grant"')
 
 
-def _cpu(pid: int, children: bool = False) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, ... (fields 3 onwards)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu(fields: list[str], children: bool = False) -> int:
     ticks = int(fields[11]) + int(fields[12])  # utime, stime
     return ticks + (int(fields[13]) + int(fields[14]) if children else 0)  # + exited children
 
@@ -104,11 +108,11 @@ def server_cpu(db) -> float | None:
         return None
     pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
     try:
-        postmaster = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        ticks = _cpu(postmaster, children=True)
+        postmaster = int(_stat(pid)[1])
+        ticks = _cpu(_stat(postmaster), children=True)
         for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
             try:
-                ticks += _cpu(int(child))
+                ticks += _cpu(_stat(int(child)))
             except OSError:
                 continue  # exited meanwhile: now in the postmaster's children's time
     except OSError:
@@ -118,21 +122,22 @@ def server_cpu(db) -> float | None:
 
 def timed(runtime, name: str, profile: bool = False) -> tuple[int, float, str]:
     """Runs the job once: (count, wall seconds, the CPU it used — this process's, and the
-    PostgreSQL backend's — and the load average, since the machine may be shared)."""
+    PostgreSQL server's — and the load average, since the machine may be shared)."""
     profiler = None
     if profile:
         from pyinstrument import Profiler
 
         profiler = Profiler(interval=0.005)
         profiler.start()
-    backend = server_cpu(runtime.db)
+    server_before = server_cpu(runtime.db)
     started, cpu = time.perf_counter(), time.process_time()
     done = schedule.run_job(runtime, name)
     elapsed = time.perf_counter() - started
     used = f"CPU: this process {time.process_time() - cpu:.2f} s"
-    if backend is not None:
+    if server_before is not None:
         after = server_cpu(runtime.db)
-        used += f", PostgreSQL server {after - backend:.2f} s" if after is not None else ""
+        used += (f", PostgreSQL server {after - server_before:.2f} s"
+                 if after is not None else "")
     used += f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     if profiler is not None:
         profiler.stop()

@@ -88,14 +88,19 @@ def sign_in(client, address: str, password: str = PASSWORD):
                                         "password": password})
 
 
-def signed_in_client(app, runtime, account):
-    """A browser with an open session for `account` (as after signing in)."""
+def open_session(runtime, account) -> str:
+    """A session for `account` as signing in leaves it; returns the cookie's value."""
     sid = secrets.token_urlsafe(32)
     now = runtime.clock()
     WebSession.create(id_hash=tokens.hash_token(sid), account=account, data={},
                       created_at=now, last_seen_at=now)
+    return sid
+
+
+def signed_in_client(app, runtime, account):
+    """A browser with an open session for `account` (as after signing in)."""
     client = app.test_client()
-    client.set_cookie("mb_session", sid)
+    client.set_cookie("mb_session", open_session(runtime, account))
     return client
 
 

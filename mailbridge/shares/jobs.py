@@ -40,9 +40,10 @@ def expire_grants(runtime: Runtime, batch: int = EXPIRE_BATCH, stop: Stop = None
     batch per statement and transaction. Safe on several nodes at once: a row changes state
     only if it is still pending, and a batch skips the rows another one holds."""
     if runtime.db.for_update:
-        with ThreadPoolExecutor(EXPIRE_LANES, thread_name_prefix="expire") as lanes:
-            total = sum(lanes.map(lambda _: _expire_lane(runtime, batch, stop, own=True),
-                                  range(EXPIRE_LANES)))
+        with ThreadPoolExecutor(EXPIRE_LANES, thread_name_prefix="expire") as pool:
+            lanes = [pool.submit(_expire_lane, runtime, batch, stop, own=True)
+                     for _ in range(EXPIRE_LANES)]
+            total = sum(lane.result() for lane in lanes)
     else:
         total = _expire_lane(runtime, batch, stop)
     if total:

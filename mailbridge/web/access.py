@@ -12,7 +12,8 @@ from flask import abort, current_app, redirect, request, session, url_for
 from mailbridge.runtime import Runtime
 from mailbridge.shares.lifecycle import effective_state
 from mailbridge.store.models import Account, Document, Grant, Share
-from mailbridge.store.states import Audit, GrantState
+from mailbridge.store.states import Audit
+from mailbridge.web import queries
 
 # The portal's policy allows no script at all (web/__init__.py); the staff pages that handle
 # passkeys load one static file of our own, and talk back to us with fetch().
@@ -60,9 +61,7 @@ def require_account(view):
 
 def active_grant(account: Account, share_id: int) -> Grant | None:
     """The account's claimed, unrevoked grant for a share — the only thing that opens it."""
-    return (Grant.select().where((Grant.account == account) & (Grant.share == share_id)
-                                 & (Grant.state == GrantState.CLAIMED)
-                                 & Grant.removed_at.is_null()).first())
+    return Grant.select().where(queries.opens(account, share_id)).first()
 
 
 def accessible_document(account: Account, document_id: int) -> tuple[Document, Grant] | None:

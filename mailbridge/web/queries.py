@@ -18,13 +18,18 @@ def _session(id_hash: str) -> peewee.Query:
             .limit(1))
 
 
+def opens(account, share) -> peewee.Expression:
+    """The grant that opens `share` to `account` (either an id or an expression): claimed by
+    that account and neither revoked nor removed from its library. The only thing that does."""
+    return ((Grant.account == account) & (Grant.share == share)
+            & (Grant.state == GrantState.CLAIMED) & Grant.removed_at.is_null())
+
+
 def _document(account_id: int, document_id: int) -> peewee.Query:
-    # Share and clinic come along (serving reads the clinic's policy), and the account's
-    # claimed, unrevoked grant for the share: the only thing that opens it.
-    opens = ((Grant.share == Share.id) & (Grant.account == account_id)
-             & (Grant.state == GrantState.CLAIMED) & Grant.removed_at.is_null())
+    # Share and clinic come along (serving reads the clinic's policy), and the grant that
+    # opens the share to the account.
     return (Document.select(Document, Share, Clinic, Grant).join(Share).join(Clinic)
-            .switch(Share).join(Grant, on=opens, attr="opening_grant")
+            .switch(Share).join(Grant, on=opens(account_id, Share.id), attr="opening_grant")
             .where(Document.id == document_id).limit(1))
 
 

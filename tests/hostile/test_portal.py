@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import socket
 import tempfile
 import time
@@ -24,6 +23,7 @@ from tests.portal_helpers import (
     make_account,
     make_app,
     make_share,
+    open_session,
     portal_runtime,
     sign_in,
     signed_in_client,
@@ -195,11 +195,9 @@ def test_a_large_download_to_a_slow_reader_never_lands_on_disk_in_clear(service,
     rt = service.runtime
     document = b"%PDF-1.4\n" + os.urandom(6 * 1024 * 1024)
     share, _links = make_share(rt, documents=[("plan.pdf", "pdf", "application/pdf", document)])
-    claim(rt, share, OWNER, make_account(rt, OWNER))
-    sid = secrets.token_urlsafe(32)
-    now = rt.clock()
-    WebSession.create(id_hash=tokens.hash_token(sid), account=Account.get(Account.email == OWNER),
-                      data={}, created_at=now, last_seen_at=now)
+    owner = make_account(rt, OWNER)
+    claim(rt, share, OWNER, owner)
+    sid = open_session(rt, owner)
     document_id = share.documents[0].id
     with socket.create_connection(("127.0.0.1", service.service.web_port), timeout=30) as conn:
         conn.sendall(f"GET /documents/{document_id}/download HTTP/1.1\r\n"
