@@ -35,6 +35,8 @@ from mailbridge.schedule import build_scheduler
 from mailbridge.shares import notify
 from mailbridge.store import schema
 from mailbridge.web import create_app
+from mailbridge.web.body_buffers import BodyBuffers
+from mailbridge.web.send_back import largest_request_body
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +92,32 @@ class Service:
         self.scheduler = (build_scheduler(runtime, self._jobs_stop, workers=worker)
                           if scheduler else None)
         self.web = None
+        self.body_buffers: BodyBuffers | None = None
         if web:
             settings = runtime.settings.web
-            # Slow clients wait in waitress's poll loop, not in a thread; poll() rather than
-            # select(), which fails beyond 1024 open files.
             app = create_app(runtime.settings, runtime=runtime)
-            with listener("[web] port", settings.host, settings.port):  # binds here
-                self.web = create_server(app, host=settings.host, port=settings.port,
-                                         threads=settings.threads,
-                                         connection_limit=settings.connection_limit,
-                                         channel_timeout=settings.channel_timeout,
-                                         cleanup_interval=settings.cleanup_interval,
-                                         asyncore_use_poll=True, ident="mailbridge",
-                                         **RESPONSE_BUFFERS)
+            self.body_buffers = BodyBuffers(settings.body_buffer_dir, os.environ)
+            try:
+                with listener("[web] port", settings.host, settings.port):  # binds here
+                    # Slow clients wait in waitress's poll loop, not in a thread; poll()
+                    # rather than select(), which fails beyond 1024 open files. A body
+                    # larger than the largest upload is refused before it is read.
+                    self.web = create_server(
+                        app, host=settings.host, port=settings.port, threads=settings.threads,
+                        connection_limit=settings.connection_limit,
+                        channel_timeout=settings.channel_timeout,
+                        cleanup_interval=settings.cleanup_interval,
+                        max_request_body_size=largest_request_body(runtime.settings),
+                        asyncore_use_poll=True, ident="mailbridge", **RESPONSE_BUFFERS)
+            except ConfigError:
+                self.body_buffers.close()
+                raise
         try:
             self.metrics_server = self._bind_metrics()
         except ConfigError:
             if self.web:
                 self.web.close()
+                self.body_buffers.close()
             raise
         self._web_thread: threading.Thread | None = None
         self._metrics_thread: threading.Thread | None = None
@@ -261,6 +271,7 @@ class Service:
             self.web.close()
             if self._web_thread is not None:
                 self._web_thread.join(min(2.0, left()))  # keep-alive clients may hold it
+            self.body_buffers.close()
         if self.metrics_server:  # last: a scrape during the stop still sees the queues drain
             self._stopping.set()
             self.metrics_server.close()

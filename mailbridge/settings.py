@@ -127,6 +127,9 @@ class WebSettings:
     connection_limit: int = 1000
     channel_timeout: float = 30.0  # seconds a connection may stay silent
     cleanup_interval: float = 10.0  # how often silent connections are looked for
+    # A request body over 512 KB (documents sent back) waits here until it is complete:
+    # "" looks for a memory file system ($RUNTIME_DIRECTORY, then /dev/shm).
+    body_buffer_dir: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

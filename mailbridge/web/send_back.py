@@ -13,6 +13,7 @@ from flask_wtf.csrf import validate_csrf
 from werkzeug.exceptions import RequestEntityTooLarge
 from wtforms.validators import ValidationError
 
+from mailbridge.settings import Settings
 from mailbridge.shares import send_back as domain
 from mailbridge.store import sealed
 from mailbridge.store.models import Grant
@@ -27,6 +28,11 @@ RATE_LIMIT = "10/hour;30/day"
 MAX_FILES = 20
 # Room for the form's own fields and multipart boundaries on top of the files.
 FORM_OVERHEAD = 64 * 1024
+
+
+def largest_request_body(settings: Settings) -> int:
+    """The largest request body the portal takes: one upload at intake's message limit."""
+    return settings.smtp.max_message_bytes + FORM_OVERHEAD
 
 
 def register(app: Flask, limiter: Limiter) -> None:
@@ -89,7 +95,7 @@ def upload(share_id: int):
     runtime = access.runtime()
     client = access.client()
     limit = runtime.settings.smtp.max_message_bytes
-    request.max_content_length = limit + FORM_OVERHEAD
+    request.max_content_length = largest_request_body(runtime.settings)
     # Keep uploaded files in memory (bounded by the limit above): werkzeug would spool large
     # ones to an unencrypted temporary file, and documents are only ever at rest encrypted.
     request._get_file_stream = lambda *args, **kwargs: io.BytesIO()

@@ -7,19 +7,30 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import tempfile
 import time
 
 import pytest
 
 from mailbridge.store import tokens
-from mailbridge.store.models import Account, AuditEvent, Grant, OneTimeCode, WebSession
+from mailbridge.store.models import (
+    Account,
+    AuditEvent,
+    Grant,
+    OneTimeCode,
+    SentBack,
+    WebSession,
+)
 from mailbridge.web import sessions
+from tests.conftest import start_service
+from tests.helpers import pdf_bytes
 from tests.portal_helpers import (
     OWNER,
     PASSWORD,
     claim,
     csrf,
+    form_token,
     make_account,
     make_app,
     make_share,
@@ -179,19 +190,32 @@ def test_revoked_recipient_is_refused_on_the_very_next_request(portal):
     assert client.get(f"/documents/{document.id}").status_code == 404
 
 
+def _temporary_files(monkeypatch) -> list[str]:
+    """The directory of every temporary file the process opens from now on (waitress names
+    none: Python's temporary directory decides)."""
+    made: list[str] = []
+    real_temporary_file = tempfile.TemporaryFile
+
+    def watched(*args, **kwargs):
+        made.append(kwargs.get("dir") or tempfile.gettempdir())
+        return real_temporary_file(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", watched)
+    return made
+
+
+def _filesystem(path: str) -> str:
+    # Told by coreutils, not by the code under test.
+    return subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_a_large_download_to_a_slow_reader_never_lands_on_disk_in_clear(service, monkeypatch):
     """An attacker with the disk (a stolen drive, a backup of /tmp, forensic recovery of freed
     blocks) must not find a document in clear. waitress copies what a response has written
     ahead of its client into a temporary file once that passes 1 MB: for a download, the
     decrypted document. A reader that takes its time makes the portal run ahead of it."""
-    spilled = []
-    real_temporary_file = tempfile.TemporaryFile
-
-    def watched(*args, **kwargs):
-        spilled.append(args)
-        return real_temporary_file(*args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", watched)
+    spilled = _temporary_files(monkeypatch)
     rt = service.runtime
     document = b"%PDF-1.4\n" + os.urandom(6 * 1024 * 1024)
     share, _links = make_share(rt, documents=[("plan.pdf", "pdf", "application/pdf", document)])
@@ -211,3 +235,103 @@ def test_a_large_download_to_a_slow_reader_never_lands_on_disk_in_clear(service,
     head, _, body = bytes(received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == document
     assert spilled == []
+
+
+def test_a_document_sent_back_never_lands_on_disk_in_clear(service, monkeypatch):
+    """The same attacker, the other way: waitress holds a request body over 512 KB in a
+    temporary file until it is complete, which for a recipient sending documents back is the
+    documents in clear. Such a file may only be on a memory file system."""
+    made = _temporary_files(monkeypatch)
+    rt = service.runtime
+    share, _links = make_share(rt)
+    owner = make_account(rt, OWNER)
+    claim(rt, share, OWNER, owner)
+    sid = open_session(rt, owner)
+    signed = pdf_bytes("signed plan of care", size=3 * 1024 * 1024)
+    port = service.service.web_port
+    path = f"/library/shares/{share.id}/send-back"
+    page = _http(port, "GET", path, sid)
+    boundary = "mailbridge-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"csrf_token\"\r\n\r\n"
+            f"{form_token(page.decode())}\r\n--{boundary}\r\nContent-Disposition: form-data; "
+            f"name=\"files\"; filename=\"signed.pdf\"\r\nContent-Type: application/pdf\r\n\r\n"
+            ).encode() + signed + f"\r\n--{boundary}--\r\n".encode()
+    answer = _http(port, "POST", path, sid, body,
+                   f"multipart/form-data; boundary={boundary}", head=True)
+    assert answer.startswith(b"HTTP/1.1 302")  # taken: the library says it was sent back
+    assert SentBack.select().count() == 1
+    assert made, "waitress kept the 3 MB body in memory: nothing left to check"
+    assert {_filesystem(directory) for directory in made} <= {"tmpfs", "ramfs"}, made
+
+
+def test_a_body_larger_than_any_upload_is_refused_before_it_is_read(tmp_path, db_url, sink,
+                                                                    keyring):
+    """Without a cap of its own, waitress would read up to 1 GB per connection into a
+    temporary file before the portal could say no."""
+    running = start_service(tmp_path, db_url, sink, keyring,
+                            MAILBRIDGE_SMTP_MAX_MESSAGE_BYTES=str(1024 * 1024))
+    try:
+        with socket.create_connection(("127.0.0.1", running.service.web_port),
+                                      timeout=10) as conn:
+            conn.sendall(b"POST /library/shares/1/send-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: multipart/form-data; boundary=x\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (200 * 1024 * 1024))
+            conn.sendall(b"x" * 65536)  # and then nothing more: the answer comes now
+            assert conn.recv(4096).startswith(b"HTTP/1.1 413")
+    finally:
+        running.service.stop(timeout=10)
+
+
+@pytest.fixture
+def small_memory_fs(tmp_path):
+    """A 1 MB tmpfs of its own (needs the right to mount, as root in CI)."""
+    where = tmp_path / "small-tmpfs"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield where
+    subprocess.run(["umount", str(where)], check=False)
+
+
+def test_bodies_beyond_the_memory_file_system_fail_alone(tmp_path, db_url, sink, keyring,
+                                                        small_memory_fs):
+    """Many large bodies at once fill the memory file system they wait in: the request that
+    does not fit is cut off, and the portal answers the next one as before."""
+    running = start_service(tmp_path, db_url, sink, keyring,
+                            MAILBRIDGE_WEB_BODY_BUFFER_DIR=str(small_memory_fs))
+    try:
+        port = running.service.web_port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST /library/shares/1/send-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: multipart/form-data; boundary=x\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (3 * 1024 * 1024))
+            try:
+                conn.sendall(b"x" * (3 * 1024 * 1024))
+                answer = conn.recv(4096)
+            except OSError:  # reset once the 1 MB file system is full
+                answer = b""
+            assert answer == b""  # cut off: no page, not even an error page
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        running.service.stop(timeout=10)
+    assert os.listdir(small_memory_fs) == []  # its private directory is gone with it
+
+
+def _http(port: int, method: str, path: str, sid: str, body: bytes = b"",
+          content_type: str = "", head: bool = False) -> bytes:
+    """One request on its own connection; the body of the answer (or its head)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Cookie: {sessions.COOKIE}={sid}",
+             "Connection: close"]
+    if body:
+        lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        received = bytearray()
+        while chunk := conn.recv(256 * 1024):
+            received += chunk
+    answer_head, _, answer_body = bytes(received).partition(b"\r\n\r\n")
+    return answer_head if head else answer_body
