@@ -3,6 +3,7 @@ or Ctrl-C; SIGHUP reloads the SMTP TLS certificate."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue
@@ -67,6 +68,9 @@ def run_until_stopped(settings, service) -> None:
         log.warning("[web] connection_limit = %d needs about %d open files, but this process "
                     "may open only %d (raise `ulimit -n` / LimitNOFILE)",
                     settings.web.connection_limit, wanted, files)
+    # What a stop (or anything else) is stuck on: `kill -USR1` prints every thread's stack
+    # (names and lines, no values) to stderr, without stopping anything.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # SimpleQueue.put is safe in a signal handler (no lock the interrupted code could hold).
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

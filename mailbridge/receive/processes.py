@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -104,7 +105,13 @@ class WorkerProcesses:
             proc = SPAWN.Process(target=run, name=f"mailbridge-worker-{i + 1}", daemon=False,
                                  args=(self.settings, self.ids[i], reader, os.getpid(),
                                        samples_out))
-            proc.start()
+            # A SIGUSR1 (stacks, see `run`) that reaches the child before it is ready would
+            # end it: it starts with the signal blocked, so one sent early waits for it.
+            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+            try:
+                proc.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             reader.close()  # the child has its own copies now
             samples_out.close()
             self._runs += 1
@@ -174,6 +181,9 @@ def run(settings: Settings, claimer: str, wakes, parent_pid: int, samples=None) 
     os.umask(0o077)
     configure_logging(settings.service.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
+    # `systemctl kill -s USR1` reaches every process of the service: each prints its stacks.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # blocked by the parent
     to_parent = ToParent(samples) if samples is not None else None
     runtime = build_runtime(settings)
     if to_parent is not None:

@@ -113,7 +113,14 @@ class ServeProcess:
 
     def signal(self, signum: int, timeout: float = 10.0) -> int:
         self.proc.send_signal(signum)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # What it is stuck on, for whoever reads the failure (SIGUSR1: every stack).
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            raise AssertionError(f"serve still running {timeout:g} s after signal {signum}; "
+                                 f"its stacks:\n{self.stderr[-20000:]}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -289,6 +296,25 @@ def test_signal_stops_the_service_cleanly(setup, serve, signum):
     assert "Traceback" not in process.stderr
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", setup.smtp_port), timeout=1).close()
+
+
+def test_usr1_prints_every_stack_and_changes_nothing(setup, serve):
+    """What an operator does when a stop hangs (`systemctl kill -s USR1`): the stacks of every
+    thread of `serve` and of each worker process, in the log, and the service goes on."""
+    process = serve()
+    workers = [int(pid) for pid in
+               re.search(r"worker process\(es\) \(pids ([\d ]+)\)", process.stdout)[1].split()]
+    assert workers
+    for pid in [process.proc.pid, *workers]:
+        os.kill(pid, signal.SIGUSR1)
+    main = r"line \d+ in run_until_stopped\n"
+    worker_main = r'receive/processes\.py", line \d+ in run\n'
+    wait_until(lambda: (re.search(main, process.stderr)
+                        and len(re.findall(worker_main, process.stderr)) == len(workers)),
+               "the stacks of serve and of its worker processes")
+    send(setup, share_message())
+    assert wait_settled(setup, 2).shares == 1  # still taking and processing mail
+    assert process.signal(signal.SIGTERM) == 0
 
 
 # --- crash recovery --------------------------------------------------------------------------
