@@ -104,6 +104,8 @@ class BodyBuffers:
         if self.path is None:
             return
         if tempfile.tempdir == str(self.path):
-            tempfile.tempdir = self._previous
+            # Another portal's directory, stopped meanwhile, is no place to go back to.
+            previous = self._previous
+            tempfile.tempdir = previous if previous is None or os.path.isdir(previous) else None
         shutil.rmtree(self.path, ignore_errors=True)
         self.path = None

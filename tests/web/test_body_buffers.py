@@ -103,3 +103,15 @@ def test_without_a_memory_file_system_the_operator_is_told(tmp_path, monkeypatch
     assert buffers.path is None and tempfile.tempdir == before
     assert "no memory file system found" in caplog.text
     assert "[web] body_buffer_dir" in caplog.text
+
+
+def test_two_portals_in_one_process_leave_no_dangling_temporary_directory(memory_dir):
+    before = tempfile.tempdir
+    first = BodyBuffers("", {"RUNTIME_DIRECTORY": memory_dir})
+    second = BodyBuffers("", {"RUNTIME_DIRECTORY": memory_dir})
+    first.close()  # the second one's directory stays in use
+    assert tempfile.gettempdir() == str(second.path)
+    second.close()  # the first one's directory is gone: not back to it
+    assert tempfile.tempdir in (before, None)
+    with tempfile.TemporaryFile():
+        pass
