@@ -108,3 +108,13 @@ def claim(runtime, share, address, account):
     (Grant.update(state="claimed", account=account, claimed_at=runtime.clock())
      .where((Grant.share == share) & (Grant.address == address)).execute())
     return Grant.get((Grant.share == share) & (Grant.address == address))
+
+
+def send_back_form(csrf_token: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    """The "send documents back" form as a browser encodes it: (body, Content-Type)."""
+    boundary = "mailbridge-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"csrf_token\"\r\n\r\n"
+            f"{csrf_token}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: application/pdf\r\n\r\n").encode()
+    return (body + data + f"\r\n--{boundary}--\r\n".encode(),
+            f"multipart/form-data; boundary={boundary}")

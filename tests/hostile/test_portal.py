@@ -36,6 +36,7 @@ from tests.portal_helpers import (
     make_share,
     open_session,
     portal_runtime,
+    send_back_form,
     sign_in,
     signed_in_client,
     without_csrf,
@@ -251,13 +252,8 @@ def test_a_document_sent_back_never_lands_on_disk_in_clear(service, monkeypatch)
     port = service.service.web_port
     path = f"/library/shares/{share.id}/send-back"
     page = _http(port, "GET", path, sid)
-    boundary = "mailbridge-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"csrf_token\"\r\n\r\n"
-            f"{form_token(page.decode())}\r\n--{boundary}\r\nContent-Disposition: form-data; "
-            f"name=\"files\"; filename=\"signed.pdf\"\r\nContent-Type: application/pdf\r\n\r\n"
-            ).encode() + signed + f"\r\n--{boundary}--\r\n".encode()
-    answer = _http(port, "POST", path, sid, body,
-                   f"multipart/form-data; boundary={boundary}", head=True)
+    body, content_type = send_back_form(form_token(page.decode()), "signed.pdf", signed)
+    answer = _http(port, "POST", path, sid, body, content_type, head=True)
     assert answer.startswith(b"HTTP/1.1 302")  # taken: the library says it was sent back
     assert SentBack.select().count() == 1
     assert made, "waitress kept the 3 MB body in memory: nothing left to check"
