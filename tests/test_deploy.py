@@ -89,6 +89,20 @@ def test_unit_confines_the_service_to_its_data_directory(unit):
     assert d["Restart"] == ["on-failure"]
 
 
+def test_service_keeps_request_bodies_in_a_memory_file_system_of_capped_size():
+    d = directives(SERVICE)
+    [mount] = d["TemporaryFileSystem"]
+    point, options = mount.split(":", 1)
+    assert "size=" in options and "ro" not in options.split(",")
+    assert f"MAILBRIDGE_WEB_BODY_BUFFER_DIR={point}" in d["Environment"]
+    settings = load_settings(None, env={"MAILBRIDGE_WEB_BODY_BUFFER_DIR": point,
+                                        "MAILBRIDGE_SERVICE_BASE_URL": "https://portal.example",
+                                        "MAILBRIDGE_ADDRESSES_SHARING": "s@clinic.example",
+                                        "MAILBRIDGE_ADDRESSES_REPLY_DOMAIN": "r.clinic.example",
+                                        "MAILBRIDGE_OUTBOUND_FROM": "m@clinic.example"})
+    assert settings.web.body_buffer_dir == point  # the variable the unit sets is the key
+
+
 def test_service_waits_longer_than_serve_takes_to_stop():
     default = load_settings(None, env={"MAILBRIDGE_SERVICE_BASE_URL": "http://x.example",
                                        "MAILBRIDGE_ADDRESSES_SHARING": "s@x.example",
