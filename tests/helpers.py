@@ -1,9 +1,13 @@
-"""Small builders shared by tests: members, messages, a tiny PDF."""
+"""Small builders shared by tests: members, messages, a tiny PDF, programs the suite needs."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from email.message import EmailMessage
 from email.utils import make_msgid
+
+import pytest
 
 from mailbridge.clock import system_clock
 from mailbridge.shares.members import add_member
@@ -81,3 +85,15 @@ def one_page_pdf(text: str) -> bytes:
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     return out + b"trailer << /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
         len(objects) + 1, xref)
+
+
+def required_program(name: str, flag: str, install: str, also_in: str = "") -> str:
+    """The path of a program the suite needs. Missing: the test is skipped, or failed where
+    `scripts/test` installed it (it sets `flag` to 1), so a green run never hides a skip."""
+    found = shutil.which(name) or (shutil.which(name, path=also_in) if also_in else None)
+    if found is None:
+        message = f"{name} is not installed ({install})"
+        if os.environ.get(flag) == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found

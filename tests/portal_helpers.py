@@ -7,12 +7,13 @@ import dataclasses
 import datetime as dt
 import re
 import secrets
+import time
 
 from mailbridge.clock import ManualClock
 from mailbridge.store import sealed, tokens
 from mailbridge.store.blobs import put_bytes
 from mailbridge.store.models import Account, Document, Grant, Share, WebSession
-from mailbridge.web import create_app
+from mailbridge.web import create_app, sessions
 from mailbridge.web.passwords import hash_password
 from tests.helpers import add_jane, pdf_bytes
 
@@ -118,3 +119,24 @@ def send_back_form(csrf_token: str, filename: str, data: bytes) -> tuple[bytes, 
             f"filename=\"{filename}\"\r\nContent-Type: application/pdf\r\n\r\n").encode()
     return (body + data + f"\r\n--{boundary}--\r\n".encode(),
             f"multipart/form-data; boundary={boundary}")
+
+
+def claimed_share(runtime, documents=None):
+    """A share claimed by OWNER's account, and a portal session cookie for that account."""
+    share, _ = make_share(runtime, documents=documents)
+    owner = make_account(runtime, OWNER)
+    claim(runtime, share, OWNER, owner)
+    return share, open_session(runtime, owner)
+
+
+def download_slowly(conn, document_id: int, sid: str, host: str = "127.0.0.1") -> bytes:
+    """GET a document's download on `conn` and read the answer like a slow client: nothing
+    for 1.5 s (the server runs ahead of its reader), then in small sips. The whole answer."""
+    conn.sendall(f"GET /documents/{document_id}/download HTTP/1.1\r\nHost: {host}\r\n"
+                 f"Cookie: {sessions.COOKIE}={sid}\r\nConnection: close\r\n\r\n".encode())
+    time.sleep(1.5)
+    received = bytearray()
+    while chunk := conn.recv(256 * 1024):
+        received += chunk
+        time.sleep(0.005)
+    return bytes(received)

@@ -4,7 +4,6 @@ here, so the image itself is not built; the wheel it installs is."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from mailbridge.config import load_settings
 from tests.conftest import ROOT
+from tests.helpers import required_program
 
 UNITS = ROOT / "deploy" / "systemd"
 SERVICE = UNITS / "mailbridge.service"
@@ -32,13 +32,8 @@ def directives(unit: Path) -> dict[str, list[str]]:
 
 
 def systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        message = "systemd-analyze is not installed (Debian package systemd)"
-        if os.environ.get("MAILBRIDGE_TEST_REQUIRE_SYSTEMD_ANALYZE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return required_program("systemd-analyze", "MAILBRIDGE_TEST_REQUIRE_SYSTEMD_ANALYZE",
+                            "Debian package systemd")
 
 
 def runnable_copy(unit: Path, directory: Path) -> Path:

@@ -8,7 +8,6 @@ import ctypes
 import http.client
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -19,31 +18,13 @@ import pytest
 from mailbridge.store.models import SentBack
 from mailbridge.web import sessions
 from tests.conftest import ROOT, start_service
-from tests.helpers import pdf_bytes
-from tests.portal_helpers import (
-    OWNER,
-    claim,
-    form_token,
-    make_account,
-    make_share,
-    open_session,
-    send_back_form,
-)
+from tests.helpers import pdf_bytes, required_program
+from tests.portal_helpers import claimed_share, download_slowly, form_token, send_back_form
 from tests.smtp_sink import free_port
 from tests.tls_helpers import make_certificate, require_openssl
 
 IN_CREATE = 0x100
 IN_NONBLOCK = os.O_NONBLOCK
-
-
-def require_nginx() -> str:
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if found is None:
-        message = "nginx is not installed (apt-get install nginx-light)"
-        if os.environ.get("MAILBRIDGE_TEST_REQUIRE_NGINX") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 def readme_nginx(web_port: int, tls_port: int, http_port: int, cert, key) -> str:
@@ -82,7 +63,8 @@ class Watch:
 
 @pytest.fixture
 def behind_nginx(tmp_path, db_url, sink, keyring):
-    nginx = require_nginx()
+    nginx = required_program("nginx", "MAILBRIDGE_TEST_REQUIRE_NGINX", "apt-get install nginx",
+                             also_in="/usr/sbin")
     require_openssl()
     running = start_service(tmp_path, db_url, sink, keyring, MAILBRIDGE_WEB_PROXIES="1")
     where = tmp_path / "nginx"
@@ -141,10 +123,7 @@ def _https(port, certificate, method, path, sid, body=b"", content_type=""):
 def test_a_document_sent_back_passes_and_stays_off_nginxs_disk(behind_nginx):
     running, port, certificate, watch = behind_nginx
     rt = running.runtime
-    share, _ = make_share(rt)
-    owner = make_account(rt, OWNER)
-    claim(rt, share, OWNER, owner)
-    sid = open_session(rt, owner)
+    share, sid = claimed_share(rt)
     path = f"/library/shares/{share.id}/send-back"
     status, page = _https(port, certificate, "GET", path, sid)
     assert status == 200
@@ -160,20 +139,11 @@ def test_a_download_to_a_slow_reader_stays_off_nginxs_disk(behind_nginx):
     running, port, certificate, watch = behind_nginx
     rt = running.runtime
     document = b"%PDF-1.4\n" + os.urandom(6 * 1024 * 1024)
-    share, _ = make_share(rt, documents=[("plan.pdf", "pdf", "application/pdf", document)])
-    owner = make_account(rt, OWNER)
-    claim(rt, share, OWNER, owner)
-    sid = open_session(rt, owner)
+    share, sid = claimed_share(rt, documents=[("plan.pdf", "pdf", "application/pdf", document)])
     raw = socket.create_connection(("127.0.0.1", port), timeout=30)
     with certificate.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as conn:
-        conn.sendall(f"GET /documents/{share.documents[0].id}/download HTTP/1.1\r\n"
-                     f"Host: portal.example\r\nCookie: {sessions.COOKIE}={sid}\r\n"
-                     "Connection: close\r\n\r\n".encode())
-        time.sleep(1.5)  # mailbridge answers at once; nginx must hold what the client has not read
-        received = bytearray()
-        while chunk := conn.recv(256 * 1024):
-            received += chunk
-            time.sleep(0.005)
-    head, _, body = bytes(received).partition(b"\r\n\r\n")
+        # mailbridge answers at once: nginx must hold what the client has not read yet.
+        received = download_slowly(conn, share.documents[0].id, sid, host="portal.example")
+    head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == document
     assert not watch.created(), "nginx wrote the download to a temporary file"

@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -29,12 +28,13 @@ from tests.portal_helpers import (
     OWNER,
     PASSWORD,
     claim,
+    claimed_share,
     csrf,
+    download_slowly,
     form_token,
     make_account,
     make_app,
     make_share,
-    open_session,
     portal_runtime,
     send_back_form,
     sign_in,
@@ -219,21 +219,11 @@ def test_a_large_download_to_a_slow_reader_never_lands_on_disk_in_clear(service,
     spilled = _temporary_files(monkeypatch)
     rt = service.runtime
     document = b"%PDF-1.4\n" + os.urandom(6 * 1024 * 1024)
-    share, _links = make_share(rt, documents=[("plan.pdf", "pdf", "application/pdf", document)])
-    owner = make_account(rt, OWNER)
-    claim(rt, share, OWNER, owner)
-    sid = open_session(rt, owner)
-    document_id = share.documents[0].id
+    share, sid = claimed_share(rt, documents=[("plan.pdf", "pdf", "application/pdf", document)])
     with socket.create_connection(("127.0.0.1", service.service.web_port), timeout=30) as conn:
-        conn.sendall(f"GET /documents/{document_id}/download HTTP/1.1\r\n"
-                     f"Host: 127.0.0.1\r\nCookie: {sessions.COOKIE}={sid}\r\n"
-                     "Connection: close\r\n\r\n".encode())
-        time.sleep(1.5)  # the portal decrypts and writes while nobody reads
-        received = bytearray()
-        while chunk := conn.recv(256 * 1024):
-            received += chunk
-            time.sleep(0.005)
-    head, _, body = bytes(received).partition(b"\r\n\r\n")
+        # The portal decrypts and writes while nobody reads.
+        received = download_slowly(conn, share.documents[0].id, sid)
+    head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == document
     assert spilled == []
 
@@ -244,10 +234,7 @@ def test_a_document_sent_back_never_lands_on_disk_in_clear(service, monkeypatch)
     documents in clear. Such a file may only be on a memory file system."""
     made = _temporary_files(monkeypatch)
     rt = service.runtime
-    share, _links = make_share(rt)
-    owner = make_account(rt, OWNER)
-    claim(rt, share, OWNER, owner)
-    sid = open_session(rt, owner)
+    share, sid = claimed_share(rt)
     signed = pdf_bytes("signed plan of care", size=3 * 1024 * 1024)
     port = service.service.web_port
     path = f"/library/shares/{share.id}/send-back"
