@@ -97,27 +97,22 @@ class Service:
             settings = runtime.settings.web
             app = create_app(runtime.settings, runtime=runtime)
             self.body_buffers = BodyBuffers(settings.body_buffer_dir, os.environ)
-            try:
-                with listener("[web] port", settings.host, settings.port):  # binds here
-                    # Slow clients wait in waitress's poll loop, not in a thread; poll()
-                    # rather than select(), which fails beyond 1024 open files. A body
-                    # larger than the largest upload is refused before it is read.
-                    self.web = create_server(
-                        app, host=settings.host, port=settings.port, threads=settings.threads,
-                        connection_limit=settings.connection_limit,
-                        channel_timeout=settings.channel_timeout,
-                        cleanup_interval=settings.cleanup_interval,
-                        max_request_body_size=largest_request_body(runtime.settings),
-                        asyncore_use_poll=True, ident="mailbridge", **RESPONSE_BUFFERS)
-            except ConfigError:
-                self.body_buffers.close()
-                raise
+            with listener("[web] port", settings.host, settings.port):  # binds here
+                # Slow clients wait in waitress's poll loop, not in a thread; poll() rather
+                # than select(), which fails beyond 1024 open files. A body larger than the
+                # largest upload is refused before it is read.
+                self.web = create_server(
+                    app, host=settings.host, port=settings.port, threads=settings.threads,
+                    connection_limit=settings.connection_limit,
+                    channel_timeout=settings.channel_timeout,
+                    cleanup_interval=settings.cleanup_interval,
+                    max_request_body_size=largest_request_body(runtime.settings),
+                    asyncore_use_poll=True, ident="mailbridge", **RESPONSE_BUFFERS)
         try:
             self.metrics_server = self._bind_metrics()
         except ConfigError:
             if self.web:
                 self.web.close()
-                self.body_buffers.close()
             raise
         self._web_thread: threading.Thread | None = None
         self._metrics_thread: threading.Thread | None = None
@@ -152,6 +147,7 @@ class Service:
         if self.scheduler:
             self.scheduler.start()
         if self.web:
+            self.body_buffers.open()
             self._web_thread = threading.Thread(target=self._serve_web, name="mailbridge-web",
                                                 daemon=True)
             self._web_thread.start()

@@ -12,12 +12,12 @@ import pwd
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 from imapclient import IMAPClient
 
+from tests.helpers import reachable_dir
 from tests.ports import free_port  # noqa: F401 (imported from here by tests)
 
 PASSWORD = "secret"  # noqa: S105 - a throw-away test account
@@ -112,8 +112,7 @@ class Dovecot:
 
     def __init__(self, *, users=("share@example.test",), spare: int = 0, tls: bool = False,
                  capabilities: str | None = None, oauth2_introspection_url: str = "") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="mailbridge-dovecot-"))
-        self.dir.chmod(0o755)  # the dovecot user must reach the mail directories
+        self.dir = reachable_dir("mailbridge-dovecot-")  # the dovecot user reaches the mail
         self._spare = [f"share{n}@example.test" for n in range(spare, 0, -1)]
         self.users = [*users, *self._spare]
         self._hash: str | None = None

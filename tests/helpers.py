@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from email.message import EmailMessage
 from email.utils import make_msgid
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +99,13 @@ def required_program(name: str, flag: str, install: str, also_in: str = "") -> s
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def reachable_dir(prefix: str) -> Path:
+    """A fresh directory, 0755, in the system's temporary directory, that daemons running as
+    their own users (postfix, dovecot) can reach. Not Python's temporary directory: while a
+    portal runs in this process, that is the portal's private one (web/body_buffers.py)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix,
+                                 dir=os.environ.get("TMPDIR") or "/tmp"))  # noqa: S108
+    path.chmod(0o755)
+    return path

@@ -19,11 +19,11 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tests.helpers import reachable_dir
 from tests.ports import free_port  # noqa: F401 (imported from here by tests)
 
 AUTHSERV_ID = "mx.portal.example"
@@ -75,9 +75,7 @@ def service_dir(prefix: str = "mailbridge-mx-") -> Path:
     """A fresh directory the daemons' own users (postfix, opendkim, opendmarc) can reach:
     pytest's tmp_path is private to root (0700 all the way up). Remove it with
     shutil.rmtree when done."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    return path
+    return reachable_dir(prefix)
 
 
 def _run(*args: str) -> str:

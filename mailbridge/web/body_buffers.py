@@ -71,13 +71,18 @@ def _candidates(configured: str, environ: Mapping[str, str]) -> list[str]:
 
 
 class BodyBuffers:
-    """The directory, made the process's temporary directory while the portal runs."""
+    """The directory, made the process's temporary directory while the portal runs: chosen
+    (and a wrong setting refused) when the service is built, created when the portal starts,
+    removed when it stops."""
 
     def __init__(self, configured: str, environ: Mapping[str, str]) -> None:
+        self.base: str | None = None
         self.path: Path | None = None
-        self._previous = tempfile.tempdir
+        self._previous: str | None = None
         if configured and not os.path.isdir(configured):
             raise ConfigError(f"{KEY}: {configured} is not a directory")
+        if configured and not os.access(configured, os.W_OK | os.X_OK):
+            raise ConfigError(f"{KEY}: {configured} is not writable by this user")
         for base in _candidates(configured, environ):
             if configured or (os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)
                               and in_memory(base)):
@@ -92,12 +97,18 @@ class BodyBuffers:
             log.warning("%s: %s is not a memory file system: a request body over 512 KB "
                         "(documents sent back) is written there in clear while it arrives; "
                         "it should be a tmpfs or on an encrypted disk", KEY, base)
+        self.base = base
+
+    def open(self) -> None:
+        if self.base is None or self.path is not None:
+            return
         try:
-            self.path = Path(tempfile.mkdtemp(prefix="mailbridge-bodies-", dir=base))  # 0700
+            self.path = Path(tempfile.mkdtemp(prefix="mailbridge-bodies-", dir=self.base))
         except OSError as exc:
-            raise ConfigError(f"{KEY}: cannot create a directory in {base} "
+            raise ConfigError(f"{KEY}: cannot create a directory in {self.base} "
                               f"({exc.strerror or type(exc).__name__})") from None
-        tempfile.tempdir = str(self.path)
+        self._previous = tempfile.tempdir
+        tempfile.tempdir = str(self.path)  # mkdtemp made it 0700
 
     def close(self) -> None:
         """The process's temporary directory as it was; the directory removed."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 import tempfile
 
 import pytest
@@ -68,6 +69,8 @@ def memory_dir():
 def test_systemds_runtime_directory_is_taken_first_and_cleaned_up(memory_dir):
     before = tempfile.tempdir
     buffers = BodyBuffers("", {"RUNTIME_DIRECTORY": f"{memory_dir}:/elsewhere"})
+    assert tempfile.tempdir == before  # chosen, not used yet: the portal has not started
+    buffers.open()
     try:
         assert buffers.path is not None and str(buffers.path.parent) == os.path.realpath(memory_dir)
         assert stat.S_IMODE(buffers.path.stat().st_mode) == 0o700
@@ -85,9 +88,24 @@ def test_a_configured_directory_that_is_missing_names_the_key(tmp_path):
         BodyBuffers(str(tmp_path / "missing"), {})
 
 
+def test_a_configured_directory_that_cannot_be_written_names_the_key(tmp_path):
+    """A read-only tmpfs: not writable even for root (as CI runs)."""
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(locked)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(ConfigError, match=r"\[web\] body_buffer_dir: .* not writable"):
+            BodyBuffers(str(locked), {})
+    finally:
+        subprocess.run(["umount", str(locked)], check=False)
+
+
 def test_a_configured_disk_directory_is_used_with_a_warning(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     buffers = BodyBuffers(str(tmp_path), {})
+    buffers.open()
     try:
         assert buffers.path is not None and buffers.path.parent == tmp_path
     finally:
@@ -100,6 +118,7 @@ def test_without_a_memory_file_system_the_operator_is_told(tmp_path, monkeypatch
     monkeypatch.setattr(body_buffers, "SHARED_MEMORY", str(tmp_path / "no-shm"))
     before = tempfile.tempdir
     buffers = BodyBuffers("", {"RUNTIME_DIRECTORY": str(tmp_path)})  # a disk, not memory
+    buffers.open()
     assert buffers.path is None and tempfile.tempdir == before
     assert "no memory file system found" in caplog.text
     assert "[web] body_buffer_dir" in caplog.text
@@ -108,7 +127,9 @@ def test_without_a_memory_file_system_the_operator_is_told(tmp_path, monkeypatch
 def test_two_portals_in_one_process_leave_no_dangling_temporary_directory(memory_dir):
     before = tempfile.tempdir
     first = BodyBuffers("", {"RUNTIME_DIRECTORY": memory_dir})
+    first.open()
     second = BodyBuffers("", {"RUNTIME_DIRECTORY": memory_dir})
+    second.open()
     first.close()  # the second one's directory stays in use
     assert tempfile.gettempdir() == str(second.path)
     second.close()  # the first one's directory is gone: not back to it
