@@ -59,15 +59,14 @@ def in_memory(path: str | os.PathLike) -> bool:
     return filesystem_type(path) in MEMORY_FILESYSTEMS
 
 
-def _candidates(configured: str, environ: Mapping[str, str]) -> list[str]:
-    if configured:
-        return [configured]
-    found = []
+def _found(environ: Mapping[str, str]) -> list[str]:
+    """Where to look when the key is not set, in order."""
     runtime_dirs = environ.get("RUNTIME_DIRECTORY", "")
-    if runtime_dirs:
-        found.append(runtime_dirs.split(":")[0])
-    found.append(SHARED_MEMORY)
-    return found
+    return [*([runtime_dirs.split(":")[0]] if runtime_dirs else []), SHARED_MEMORY]
+
+
+def _usable(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 class BodyBuffers:
@@ -79,25 +78,25 @@ class BodyBuffers:
         self.base: str | None = None
         self.path: Path | None = None
         self._previous: str | None = None
-        if configured and not os.path.isdir(configured):
-            raise ConfigError(f"{KEY}: {configured} is not a directory")
-        if configured and not os.access(configured, os.W_OK | os.X_OK):
-            raise ConfigError(f"{KEY}: {configured} is not writable by this user")
-        for base in _candidates(configured, environ):
-            if configured or (os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)
-                              and in_memory(base)):
-                break
-        else:
+        if configured:
+            if not os.path.isdir(configured):
+                raise ConfigError(f"{KEY}: {configured} is not a directory")
+            if not _usable(configured):
+                raise ConfigError(f"{KEY}: {configured} is not writable by this user")
+            if not in_memory(configured):
+                log.warning("%s: %s is not a memory file system: a request body over 512 KB "
+                            "(documents sent back) is written there in clear while it "
+                            "arrives; it should be a tmpfs or on an encrypted disk",
+                            KEY, configured)
+            self.base = configured
+            return
+        self.base = next((base for base in _found(environ)
+                          if _usable(base) and in_memory(base)), None)
+        if self.base is None:
             log.warning("%s: no memory file system found (tried %s): a request body over "
                         "512 KB (documents sent back) is held in a temporary file on disk "
                         "while it arrives; set the key to a tmpfs directory",
-                        KEY, ", ".join(_candidates("", environ)))
-            return
-        if not in_memory(base):
-            log.warning("%s: %s is not a memory file system: a request body over 512 KB "
-                        "(documents sent back) is written there in clear while it arrives; "
-                        "it should be a tmpfs or on an encrypted disk", KEY, base)
-        self.base = base
+                        KEY, ", ".join(_found(environ)))
 
     def open(self) -> None:
         if self.base is None or self.path is not None:
