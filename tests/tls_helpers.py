@@ -7,8 +7,6 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
-import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -17,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from mailbridge.receive.smtp import make_controller, make_implicit_tls_controller
 from mailbridge.receive.tls import ServerCertificate
 from mailbridge.runtime import Runtime
+from tests.helpers import required_program
 from tests.smtp_sink import free_port
 
 
@@ -49,11 +46,7 @@ def fingerprint(der: bytes) -> str:
 
 
 def require_openssl() -> None:
-    if shutil.which("openssl") is None:
-        message = "openssl is not installed (apt-get install openssl)"
-        if os.environ.get("MAILBRIDGE_TEST_REQUIRE_OPENSSL") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    required_program("openssl", "MAILBRIDGE_TEST_REQUIRE_OPENSSL", "apt-get install openssl")
 
 
 def make_certificate(directory: Path, name: str, *,

@@ -256,9 +256,7 @@ def test_a_body_larger_than_any_upload_is_refused_before_it_is_read(tmp_path, db
     try:
         with socket.create_connection(("127.0.0.1", running.service.web_port),
                                       timeout=10) as conn:
-            conn.sendall(b"POST /library/shares/1/send-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         b"Content-Type: multipart/form-data; boundary=x\r\n"
-                         b"Content-Length: %d\r\n\r\n" % (200 * 1024 * 1024))
+            conn.sendall(_upload_head(200 * 1024 * 1024))
             conn.sendall(b"x" * 65536)  # and then nothing more: the answer comes now
             assert conn.recv(4096).startswith(b"HTTP/1.1 413")
     finally:
@@ -287,9 +285,7 @@ def test_bodies_beyond_the_memory_file_system_fail_alone(tmp_path, db_url, sink,
     try:
         port = running.service.web_port
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(b"POST /library/shares/1/send-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         b"Content-Type: multipart/form-data; boundary=x\r\n"
-                         b"Content-Length: %d\r\n\r\n" % (3 * 1024 * 1024))
+            conn.sendall(_upload_head(3 * 1024 * 1024))
             try:
                 conn.sendall(b"x" * (3 * 1024 * 1024))
                 answer = conn.recv(4096)
@@ -302,6 +298,13 @@ def test_bodies_beyond_the_memory_file_system_fail_alone(tmp_path, db_url, sink,
     finally:
         running.service.stop(timeout=10)
     assert os.listdir(small_memory_fs) == []  # its private directory is gone with it
+
+
+def _upload_head(length: int) -> bytes:
+    """The head of an upload announcing `length` bytes of body, before any session check."""
+    return (b"POST /library/shares/1/send-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
 
 
 def _http(port: int, method: str, path: str, sid: str, body: bytes = b"",
