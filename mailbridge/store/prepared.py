@@ -20,6 +20,7 @@ class Prepared:
             raise TypeError("prepared arguments are int or str")
         self._build, self._kinds = build, kinds
         self._compiled: tuple | None = None
+        self._layout: tuple | None = None  # (compiled query, its result's column mapping)
 
     def __call__(self, *args) -> list:
         query, sql, params, slots = self._compile()
@@ -27,7 +28,19 @@ class Prepared:
         for slot, kind, value in zip(slots, self._kinds, args, strict=True):
             bound[slot] = int(getattr(value, "id", value)) if kind is int else str(value)
         cursor = query._database.execute_sql(sql, bound)
-        return list(query._get_cursor_wrapper(cursor))
+        wrapper = query._get_cursor_wrapper(cursor)
+        layout = self._layout
+        if layout is not None and layout[0] is query:
+            # peewee works out which column builds which model afresh for every result, from
+            # the cursor's description: for one SQL text that is the same every time, and it
+            # cost more than SQLite's whole answer. The first result's mapping serves them all.
+            wrapper.__dict__.update(layout[1])
+            wrapper.initialized = True
+        rows = list(wrapper)
+        if (layout is None or layout[0] is not query) and wrapper.initialized:
+            self._layout = (query, {name: value for name, value in vars(wrapper).items()
+                                    if name not in _PER_RESULT})
+        return rows
 
     def _compile(self) -> tuple:
         compiled = self._compiled
@@ -45,6 +58,11 @@ class Prepared:
             slots.append(found[0])
         self._compiled = (query, sql, params, slots)
         return self._compiled
+
+
+# What peewee's cursor wrapper keeps about one result (its base class's own state: the
+# cursor, counts, cached rows); the rest is the query and the column mapping.
+_PER_RESULT = frozenset(vars(peewee.CursorWrapper(None)))
 
 
 def _standin(kind: type, i: int):

@@ -64,3 +64,21 @@ def test_an_argument_the_sql_does_not_hold_exactly_once_is_refused(runtime):
         twice(1)
     with pytest.raises(TypeError):
         Prepared(lambda when: Clinic.select().where(Clinic.created_at == when), dt.datetime)
+
+
+def test_the_first_result_decides_no_later_ones_shape(sessions):
+    # The first row seen has no account (an outer join's NULLs), later ones have one; then
+    # the other way round, on a second statement: each row is built from its own values.
+    WebSession.create(id_hash="hash-staff", created_at=NOW, last_seen_at=NOW)
+    first_empty = Prepared(_session, str)
+    assert first_empty("nothing") == []
+    staff = first_empty("hash-staff")[0]
+    assert staff.account is None and staff.last_seen_at == NOW
+    with_account = first_empty("hash-a")[0]
+    assert with_account.account.email == "a@ortho.example"
+    assert with_account.account.verified_at == NOW
+    first_full = Prepared(_session, str)
+    assert first_full("hash-b")[0].account.email == "b@ortho.example"
+    assert first_full("hash-staff")[0].account is None
+    assert [row.account.email for row in (first_full("hash-a") + first_full("hash-b"))] == \
+           ["a@ortho.example", "b@ortho.example"]
