@@ -5,7 +5,7 @@ threads) serving the same bytes from memory — and printed as a ratio.
 
     .venv/bin/python scripts/bench_portal.py [--requests 2000] [--downloads 100]
         [--size-mb 1] [--clients 4] [--rounds 3] [--backend local|database]
-        [--watermark]
+        [--watermark] [--clients-in-server-process]
 
 --watermark measures what stamping costs instead: the same real PDF (and a JPEG) of about
 --size-mb downloaded from a clinic without watermarks and from one with them, in one run;
@@ -14,12 +14,15 @@ it prints the ratio and the milliseconds stamping adds per MB.
 mailbridge's side is the real thing: the Flask app with server-side sessions, the access
 check and an audit row per request, documents decrypted from the encrypted store as they
 stream. Rate limiting is switched off for the run (it would measure refusals, not serving).
+The clients run in a process of their own, as browsers do elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
+import multiprocessing
 import os
 import platform
 import secrets
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,6 +114,18 @@ def load(port: int, path: str, total: int, clients: int, cookie: str = "") -> di
             "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000}
 
 
+@contextlib.contextmanager
+def clients_process(here: bool):
+    """Runs `load` in a process of its own, as browsers are elsewhere: client threads in the
+    servers' process would take turns with them for Python's one interpreter lock, and
+    every read of a response would wait for a server thread to let go of it."""
+    if here:
+        yield load
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield lambda *args: pool.submit(load, *args).result()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=2000, help="link-page GETs")
@@ -123,11 +139,15 @@ def main() -> int:
                     help="where the document is kept ([storage] backend)")
     ap.add_argument("--watermark", action="store_true",
                     help="measure watermarked downloads against plain ones instead")
+    ap.add_argument("--clients-in-server-process", action="store_true",
+                    help="run the client threads in the servers' process, as this benchmark "
+                         "did before (they compete with the servers for the GIL)")
     args = ap.parse_args()
     if args.watermark:
         return bench_watermark(args)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with (tempfile.TemporaryDirectory() as tmp,
+          clients_process(args.clients_in_server_process) as run_load):
         settings = load_settings(None, env={
             "MAILBRIDGE_SERVICE_BASE_URL": "http://127.0.0.1",
             "MAILBRIDGE_SERVICE_DATA_DIR": tmp,
@@ -179,16 +199,17 @@ def main() -> int:
         bare_server, bare_port = serve(bare)
         cookie = f"mb_session={sid}"
         rounds: dict[str, list[dict]] = {}
+        download = f"/documents/{document.id}/download"
         for _ in range(args.rounds):
             for name, result in (
-                ("link page, mailbridge", lambda: load(port, f"/s/{link_token}", args.requests,
-                                                       args.clients)),
-                ("link page, bare WSGI", lambda: load(bare_port, "/s/x", args.requests,
-                                                      args.clients)),
-                ("download, mailbridge", lambda: load(port, f"/documents/{document.id}/download",
-                                                      args.downloads, args.clients, cookie)),
-                ("download, bare WSGI", lambda: load(bare_port, "/d", args.downloads,
-                                                     args.clients)),
+                ("link page, mailbridge",
+                 lambda: run_load(port, f"/s/{link_token}", args.requests, args.clients)),
+                ("link page, bare WSGI",
+                 lambda: run_load(bare_port, "/s/x", args.requests, args.clients)),
+                ("download, mailbridge",
+                 lambda: run_load(port, download, args.downloads, args.clients, cookie)),
+                ("download, bare WSGI",
+                 lambda: run_load(bare_port, "/d", args.downloads, args.clients)),
             ):
                 rounds.setdefault(name, []).append(result())
         rows = {name: {k: statistics.median(r[k] for r in results) for k in results[0]}
@@ -203,7 +224,9 @@ def main() -> int:
 
     print(f"portal benchmark: {args.requests} link-page GETs, {args.downloads} downloads of "
           f"{args.size_mb:g} MB ({args.backend} storage), {args.clients} connections, "
-          f"waitress {THREADS} threads, median of {args.rounds} round(s)")
+          f"waitress {THREADS} threads, median of {args.rounds} round(s); clients in "
+          + ("the servers' process" if args.clients_in_server_process else
+             "a process of their own"))
     print(f"machine: {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}")
     print()
