@@ -30,14 +30,15 @@ class Prepared:
         cursor = query._database.execute_sql(sql, bound)
         wrapper = query._get_cursor_wrapper(cursor)
         layout = self._layout
-        if layout is not None and layout[0] is query:
+        known = layout is not None and layout[0] is query
+        if known:
             # peewee works out which column builds which model afresh for every result, from
             # the cursor's description: for one SQL text that is the same every time, and it
             # cost more than SQLite's whole answer. The first result's mapping serves them all.
             wrapper.__dict__.update(layout[1])
             wrapper.initialized = True
         rows = list(wrapper)
-        if (layout is None or layout[0] is not query) and wrapper.initialized:
+        if not known and wrapper.initialized:  # peewee maps columns only once a row came
             self._layout = (query, {name: value for name, value in vars(wrapper).items()
                                     if name not in _PER_RESULT})
         return rows
