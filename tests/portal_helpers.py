@@ -129,6 +129,21 @@ def claimed_share(runtime, documents=None):
     return share, open_session(runtime, owner)
 
 
+def portal_request(conn, method: str, path: str, sid: str, body: bytes = b"",
+                   content_type: str = "", host: str = "127.0.0.1") -> tuple[int, bytes]:
+    """One request signed in with `sid` on an http.client connection (plain or TLS), which
+    it closes: (status, body of the answer)."""
+    headers = {"Host": host, "Cookie": f"{sessions.COOKIE}={sid}"}
+    if body:
+        headers["Content-Type"] = content_type
+    try:
+        conn.request(method, path, body=body or None, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def download_slowly(conn, document_id: int, sid: str, host: str = "127.0.0.1") -> bytes:
     """GET a document's download on `conn` and read the answer like a slow client: nothing
     for 1.5 s (the server runs ahead of its reader), then in small sips. The whole answer."""

@@ -16,10 +16,15 @@ from pathlib import Path
 import pytest
 
 from mailbridge.store.models import SentBack
-from mailbridge.web import sessions
 from tests.conftest import ROOT, start_service
 from tests.helpers import pdf_bytes, required_program
-from tests.portal_helpers import claimed_share, download_slowly, form_token, send_back_form
+from tests.portal_helpers import (
+    claimed_share,
+    download_slowly,
+    form_token,
+    portal_request,
+    send_back_form,
+)
 from tests.smtp_sink import free_port
 from tests.tls_helpers import make_certificate, require_openssl
 
@@ -107,17 +112,9 @@ def behind_nginx(tmp_path, db_url, sink, keyring):
         running.service.stop(timeout=10)
 
 
-def _https(port, certificate, method, path, sid, body=b"", content_type=""):
-    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+def _https(port, certificate) -> http.client.HTTPSConnection:
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
                                        context=certificate.client_context())
-    headers = {"Host": "portal.example", "Cookie": f"{sessions.COOKIE}={sid}"}
-    if body:
-        headers["Content-Type"] = content_type
-    conn.request(method, path, body=body or None, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, data
 
 
 def test_a_document_sent_back_passes_and_stays_off_nginxs_disk(behind_nginx):
@@ -125,11 +122,13 @@ def test_a_document_sent_back_passes_and_stays_off_nginxs_disk(behind_nginx):
     rt = running.runtime
     share, sid = claimed_share(rt)
     path = f"/library/shares/{share.id}/send-back"
-    status, page = _https(port, certificate, "GET", path, sid)
+    status, page = portal_request(_https(port, certificate), "GET", path, sid,
+                                  host="portal.example")
     assert status == 200
     body, content_type = send_back_form(form_token(page.decode()), "signed.pdf",
                                         pdf_bytes("signed", size=3 * 1024 * 1024))
-    status, _ = _https(port, certificate, "POST", path, sid, body, content_type)
+    status, _ = portal_request(_https(port, certificate), "POST", path, sid, body, content_type,
+                               host="portal.example")
     assert status == 302  # taken (the forms' 64 KB cap would have answered 413)
     assert SentBack.select().count() == 1
     assert not watch.created(), "nginx wrote the upload to a temporary file"

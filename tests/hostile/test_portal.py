@@ -4,6 +4,7 @@ tokens guessed, redirects off the site. Each gets nothing and changes nothing.""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import socket
@@ -35,6 +36,7 @@ from tests.portal_helpers import (
     make_account,
     make_app,
     make_share,
+    portal_request,
     portal_runtime,
     send_back_form,
     sign_in,
@@ -238,10 +240,10 @@ def test_a_document_sent_back_never_lands_on_disk_in_clear(service, monkeypatch)
     signed = pdf_bytes("signed plan of care", size=3 * 1024 * 1024)
     port = service.service.web_port
     path = f"/library/shares/{share.id}/send-back"
-    page = _http(port, "GET", path, sid)
+    _, page = portal_request(_connection(port), "GET", path, sid)
     body, content_type = send_back_form(form_token(page.decode()), "signed.pdf", signed)
-    answer = _http(port, "POST", path, sid, body, content_type, head=True)
-    assert answer.startswith(b"HTTP/1.1 302")  # taken: the library says it was sent back
+    status, _ = portal_request(_connection(port), "POST", path, sid, body, content_type)
+    assert status == 302  # taken: the library says it was sent back
     assert SentBack.select().count() == 1
     assert made, "waitress kept the 3 MB body in memory: nothing left to check"
     assert {_filesystem(directory) for directory in made} <= {"tmpfs", "ramfs"}, made
@@ -307,17 +309,5 @@ def _upload_head(length: int) -> bytes:
             b"Content-Length: %d\r\n\r\n" % length)
 
 
-def _http(port: int, method: str, path: str, sid: str, body: bytes = b"",
-          content_type: str = "", head: bool = False) -> bytes:
-    """One request on its own connection; the body of the answer (or its head)."""
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Cookie: {sessions.COOKIE}={sid}",
-             "Connection: close"]
-    if body:
-        lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        received = bytearray()
-        while chunk := conn.recv(256 * 1024):
-            received += chunk
-    answer_head, _, answer_body = bytes(received).partition(b"\r\n\r\n")
-    return answer_head if head else answer_body
+def _connection(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
